@@ -1,6 +1,33 @@
-"""StepGuard: measure every optimizer step against the softmax's safe-step radius."""
+"""StepGuard: measure every optimizer step against the softmax's safe-step radius.
 
+Public names (re-exported here; the implementation lives in the submodules):
+
+* :class:`StepGuard`, :func:`attach` — guard an optimizer (wrapper or hooks).
+* :func:`radius` — ρ_a of a model along any direction(s).
+* :class:`StepReport`, :class:`Decision`, :class:`SpreadSummary` — the per-step record.
+* :class:`GuardConfig` — measurement settings; :class:`Policy` and the presets.
+"""
+
+from stepguard.config import GuardConfig
+from stepguard.geometry import RadiusResult, radius
+from stepguard.guard import StepGuard
+from stepguard.hooks import GuardHandle, attach
+from stepguard.policy import ClipPolicy, MonitorPolicy, Policy, VetoPolicy
 from stepguard.report import Decision, SpreadSummary, StepReport
 
-__all__ = ["Decision", "SpreadSummary", "StepReport"]
+__all__ = [
+    "ClipPolicy",
+    "Decision",
+    "GuardConfig",
+    "GuardHandle",
+    "MonitorPolicy",
+    "Policy",
+    "RadiusResult",
+    "SpreadSummary",
+    "StepGuard",
+    "StepReport",
+    "VetoPolicy",
+    "attach",
+    "radius",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,56 @@
+"""Capturing the batch of the most recent training forward, for the guard's replay."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from stepguard.geometry.jvp import Batch, is_replaying
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module that holds the parameters: strips DDP/DataParallel and ``torch.compile`` wrappers."""
+    seen = 0
+    while seen < 8:
+        seen += 1
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            break
+    return model
+
+
+class ForwardCapture:
+    """Keeps the inputs and RNG state of the model's most recent training forward.
+
+    A forward counts as training when the model is in train mode and autograd is on, so
+    evaluation passes under ``torch.no_grad()`` or ``model.eval()`` are ignored, and so
+    are StepGuard's own replays. Inputs are kept by reference, not copied.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.batch: Batch | None = None
+        self.fresh = False
+        self.forwards = 0
+        self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if is_replaying() or not torch.is_grad_enabled() or not module.training:
+            return
+        self.batch = Batch.capture(module, args, kwargs)
+        self.fresh = True
+        self.forwards += 1
+
+    def take(self) -> tuple[Batch | None, bool]:
+        """The latest batch and whether it was captured since the last ``take``."""
+        fresh, self.fresh = self.fresh, False
+        return self.batch, fresh
+
+    def remove(self) -> None:
+        self._handle.remove()
+        self.batch = None

@@ -1,0 +1,44 @@
+"""Configuration of a guard, validated by pydantic (a misspelt key is an error, not a no-op)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class GuardConfig(BaseModel):
+    """How a :class:`~stepguard.StepGuard` measures.
+
+    Attributes:
+        mode: ``"train"`` measures the training function (same dropout mask, batch
+            statistics; running buffers untouched); ``"eval"`` measures the model in eval mode.
+        estimator: ``"auto"`` uses forward-mode AD and falls back to a central finite
+            difference for ops without a forward-mode rule; ``"jvp"`` or
+            ``"finite_difference"`` force one.
+        fd_epsilon: step of the finite difference (default: cube root of the dtype's eps).
+        measure_every: measure with a fresh JVP every this many steps; in between, r is
+            estimated as τ_t/ρ_a(last measured direction).
+        ignore_index: target value of rows (tokens) that do not count.
+        temperature: the softmax temperature T the loss applies to the logits
+            (ρ_a(T) = π·T/Δ_a of the raw logits).
+        binding_k: how many binding samples (smallest top-2 radius) to report.
+        max_spread_values: keep the per-sample spreads in the report when there are at
+            most this many rows (for histograms); only quantiles otherwise.
+        restore_state_on_veto: keep a copy of the optimizer state so a veto restores it
+            bit for bit (costs one copy of the state when the policy can veto).
+        sink_max_failures: drop a sink after this many consecutive failures (None: never).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["train", "eval"] = "train"
+    estimator: Literal["auto", "jvp", "finite_difference"] = "auto"
+    fd_epsilon: float | None = Field(default=None, gt=0)
+    measure_every: int = Field(default=1, ge=1)
+    ignore_index: int | None = -100
+    temperature: float = Field(default=1.0, gt=0)
+    binding_k: int = Field(default=5, ge=0)
+    max_spread_values: int = Field(default=1024, ge=0)
+    restore_state_on_veto: bool = True
+    sink_max_failures: int | None = Field(default=None, ge=1)

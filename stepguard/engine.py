@@ -1,0 +1,496 @@
+"""The machinery of one guarded step, shared by :class:`~stepguard.StepGuard` and :func:`~stepguard.attach`.
+
+    before_step():  snapshot θ₀ (and the optimizer state when the policy can veto)
+    <inner optimizer step>
+    after_step():   Δθ = θ₁ − θ₀, τ = ‖Δθ‖ → JVP at θ₀ along Δθ/τ on the captured batch
+                    → one host sync → policy → commit (keep θ₁ | θ₀ + s·Δθ | θ₀ + state)
+                    → sinks
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from stepguard.capture import ForwardCapture, unwrap_model
+from stepguard.config import GuardConfig
+from stepguard.geometry.formulas import PI, logit_spread, top2_radius
+from stepguard.geometry.jvp import Batch, logit_velocities
+from stepguard.geometry.logits import LogitsFn, to_rows
+from stepguard.policy import Policy, resolve_policy
+from stepguard.report import ACTIONS, Decision, SpreadSummary, StepReport
+from stepguard.sinks.base import Sink, SinkSet
+
+logger = logging.getLogger("stepguard")
+
+_QUANTILES = (0.99, 0.9, 0.5)
+
+
+class NoBatchError(RuntimeError):
+    """The guard has no training batch to measure the step on."""
+
+
+class GuardEngine:
+    """Snapshot, measure, decide and commit one optimizer step.
+
+    Args:
+        optimizer: the optimizer whose steps are guarded (its ``param_groups`` and
+            ``state`` are read and, on clip or veto, written back).
+        model: the module whose logits the step moves; its most recent training forward
+            is captured with a forward pre-hook.
+        policy: a preset name or a :class:`~stepguard.policy.Policy`.
+        sinks: where reports go.
+        config: a :class:`~stepguard.config.GuardConfig`.
+        logits_fn: picks the logits from the model output.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: nn.Module | None,
+        policy: str | Policy = "monitor",
+        sinks: Iterable[Sink] = (),
+        config: GuardConfig | None = None,
+        logits_fn: LogitsFn | None = None,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(
+                f"model must be a torch.nn.Module, got {type(model).__name__}; pass the "
+                "network whose logits the optimizer moves"
+            )
+        if config is not None and not isinstance(config, GuardConfig):
+            raise TypeError(f"config must be a GuardConfig, got {type(config).__name__}")
+        self.optimizer = optimizer
+        self.config = config or GuardConfig()
+        self.policy = resolve_policy(policy)
+        self.sinks = SinkSet(sinks, max_failures=self.config.sink_max_failures)
+        self.logits_fn = logits_fn
+        self.model: nn.Module | None = None
+        self.capture: ForwardCapture | None = None
+        if model is not None:
+            self.model = unwrap_model(model)
+            self.capture = ForwardCapture(self.model)
+        self.step_count = 0
+        self.counters: dict[str, int] = dict.fromkeys(ACTIONS, 0)
+        self.last_report: StepReport | None = None
+        self._estimator = self.config.estimator
+        self._last_rho: float | None = None
+        self._observed: dict[str, Any] = {}
+        self._params: list[Tensor] = []
+        self._theta0: list[Tensor] = []
+        self._state_backup: dict[Tensor, dict[str, Any] | None] | None = None
+        self._grad_norm: Tensor | None = None
+        self._t_before = 0.0
+        self._snap_seconds = 0.0
+        self._in_step = False
+
+    # ---------------------------------------------------------------- inputs
+
+    def observe(
+        self,
+        *,
+        inputs: Any = None,
+        targets: Tensor | None = None,
+        mask: Tensor | None = None,
+        loss: Tensor | float | None = None,
+    ) -> None:
+        """Give the next step what the hook cannot see: targets, a mask, the loss, or inputs."""
+        for key, value in (("inputs", inputs), ("targets", targets), ("mask", mask), ("loss", loss)):
+            if value is not None:
+                self._observed[key] = value
+
+    # ---------------------------------------------------------------- the step
+
+    def before_step(self) -> None:
+        """Snapshot θ₀ (and the optimizer state when a veto must be undoable)."""
+        start = time.perf_counter()
+        self._in_step = True
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if len(params) != len(self._params) or any(
+            a is not b for a, b in zip(params, self._params)
+        ):
+            self._params = params
+            self._theta0 = [torch.empty_like(p) for p in params]
+        with torch.no_grad():
+            if params:
+                torch._foreach_copy_(self._theta0, [p.detach() for p in params])
+            grads = [p.grad for p in params if p.grad is not None]
+            self._grad_norm = _global_norm(grads) if grads else None
+        if self.policy.may_veto and self.config.restore_state_on_veto:
+            self._state_backup = self._backup_state(params)
+        else:
+            self._state_backup = None
+        self._snap_seconds = time.perf_counter() - start
+        self._t_before = time.perf_counter()
+
+    def after_step(self, loss: Any = None) -> StepReport:
+        """Measure the proposed update, let the policy decide, commit, and report."""
+        if not self._in_step:
+            raise RuntimeError("after_step() without before_step(): the step was not snapshotted")
+        self._in_step = False
+        timings = {"snapshot": self._snap_seconds, "optimizer": time.perf_counter() - self._t_before}
+        observed, self._observed = self._observed, {}
+        if loss is None:
+            loss = observed.get("loss")
+
+        t = time.perf_counter()
+        params, theta0 = self._params, self._theta0
+        with torch.no_grad():
+            delta = torch._foreach_sub([p.detach() for p in params], theta0) if params else []
+            tau_t = _global_norm(delta) if delta else torch.zeros(())
+        timings["diff"] = time.perf_counter() - t
+
+        measure = self.step_count % self.config.measure_every == 0 or self._last_rho is None
+        t = time.perf_counter()
+        tensors: dict[str, Tensor] = {"tau": tau_t}
+        extra_values: dict[str, Tensor] = {}
+        n_binding = n_values = 0
+        estimator = "estimate"
+        if measure:
+            estimator, geometry = self._measure(params, theta0, delta, tau_t, observed)
+            tensors.update(geometry["scalars"])
+            extra_values = geometry["vectors"]
+            n_binding = extra_values["binding"].numel()
+            n_values = extra_values["values"].numel()
+        timings["measure"] = time.perf_counter() - t
+        if self._grad_norm is not None:
+            tensors["grad_norm"] = self._grad_norm
+        if isinstance(loss, Tensor) and loss.numel() == 1:
+            tensors["loss"] = loss.detach().reshape(())
+
+        t = time.perf_counter()
+        values = _sync(tensors, extra_values)
+        timings["sync"] = time.perf_counter() - t
+
+        report = self._proposal(values, estimator, measure, n_binding, n_values, loss)
+        t = time.perf_counter()
+        decision = self.policy.decide(report)
+        if not isinstance(decision, Decision):
+            raise TypeError(
+                f"{type(self.policy).__name__}.decide() returned {type(decision).__name__}; "
+                "it must return a stepguard.Decision"
+            )
+        timings["decide"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        self._commit(decision, params, theta0, delta)
+        timings["commit"] = time.perf_counter() - t
+
+        self.counters[decision.action] += 1
+        report = dataclasses.replace(
+            report,
+            action=decision.action,
+            scale=decision.scale,
+            applied_tau=report.tau * decision.scale if decision.scale else 0.0,
+            reason=decision.reason,
+            rule=decision.rule,
+            timings=timings,
+        )
+        t = time.perf_counter()
+        self.sinks.write(report)
+        timings["sinks"] = time.perf_counter() - t
+        self.step_count += 1
+        self.last_report = report
+        return report
+
+    # ---------------------------------------------------------------- measurement
+
+    def _batch(self, observed: Mapping[str, Any]) -> Batch:
+        if "inputs" in observed:
+            return Batch.from_inputs(observed["inputs"], training=self.model.training)
+        if self.capture is None:
+            raise NoBatchError("no model to capture a batch from")
+        batch, fresh = self.capture.take()
+        if batch is None:
+            raise NoBatchError(
+                "StepGuard has no training batch to measure this step on: no forward of the "
+                "model ran in train mode with autograd enabled before step(). Run the forward "
+                "of the model passed as model=..., or pass guard.step(inputs=batch)."
+            )
+        if not fresh and self.step_count > 0:
+            logger.warning(
+                "StepGuard is measuring step %d on the batch of an earlier step: the model "
+                "ran no training forward since the last step", self.step_count,
+            )
+        return batch
+
+    def _measure(
+        self,
+        params: list[Tensor],
+        theta0: list[Tensor],
+        delta: list[Tensor],
+        tau: Tensor,
+        observed: Mapping[str, Any],
+    ) -> tuple[str, dict[str, dict[str, Tensor]]]:
+        if self.model is None:
+            raise NoBatchError(
+                "StepGuard has no model to measure: pass StepGuard(optimizer, model=net) "
+                "(or attach(optimizer, net))"
+            )
+        batch = self._batch(observed)
+        named = dict(self.model.named_parameters())
+        index = {id(p): i for i, p in enumerate(params)}
+        primals: dict[str, Tensor] = {}
+        tangent: dict[str, Tensor] = {}
+        scale = torch.where(tau > 0, 1.0 / tau, torch.zeros_like(tau))
+        for name, p in named.items():
+            if not p.requires_grad:
+                continue
+            i = index.get(id(p))
+            if i is None:
+                primals[name] = p.detach()
+                tangent[name] = torch.zeros_like(p)
+            else:
+                primals[name] = theta0[i]
+                tangent[name] = delta[i] * scale.to(device=p.device, dtype=p.dtype)
+        z, velocities, used = logit_velocities(
+            self.model,
+            primals,
+            [tangent],
+            batch,
+            logits_fn=self.logits_fn,
+            mode=self.config.mode,
+            estimator=self._estimator,
+            fd_epsilon=self.config.fd_epsilon,
+        )
+        if self._estimator == "auto" and used == "finite_difference":
+            self._estimator = "finite_difference"
+        return used, self._geometry(z, velocities[0], tau, observed)
+
+    def _geometry(
+        self, logits: Tensor, velocity: Tensor, tau: Tensor, observed: Mapping[str, Any]
+    ) -> dict[str, dict[str, Tensor]]:
+        cfg = self.config
+        targets = observed.get("targets")
+        z, a, y, positions = to_rows(
+            logits, velocity, mask=observed.get("mask"), targets=targets,
+            ignore_index=cfg.ignore_index,
+        )
+        assert a is not None
+        if cfg.temperature != 1.0:
+            z, a = z / cfg.temperature, a / cfg.temperature
+        device = a.device
+        spread = logit_spread(a).to(torch.float64)
+        count = spread.numel()
+        if count == 0:
+            zero = torch.zeros((), dtype=torch.float64, device=device)
+            scalars = {"delta_a": zero, "count": zero}
+            return {"scalars": scalars, "vectors": _empty_vectors(device)}
+        delta = spread.max()
+        scalars: dict[str, Tensor] = {
+            "delta_a": delta,
+            "count": torch.tensor(float(count), dtype=torch.float64, device=device),
+            "spread_mean": spread.mean(),
+            "spread_min": spread.min(),
+            "spread_q": _quantiles(spread),
+        }
+        top2 = top2_radius(z, a, y).to(torch.float64)
+        scalars["rho_top2"] = top2.min()
+        if z.shape[-1] <= 2:
+            scalars["rho_binary"] = top2.min()
+        k = min(cfg.binding_k, count)
+        binding = torch.topk(top2, k, largest=False).indices if k else top2.new_zeros(0)
+        if positions is not None and k:
+            binding = positions[binding]
+        values = spread if count <= cfg.max_spread_values else spread.new_zeros(0)
+        return {
+            "scalars": scalars,
+            "vectors": {"binding": binding.to(torch.float64), "values": values},
+        }
+
+    # ---------------------------------------------------------------- decision
+
+    def _proposal(
+        self,
+        values: dict[str, Any],
+        estimator: str,
+        measured: bool,
+        n_binding: int,
+        n_values: int,
+        loss: Any,
+    ) -> StepReport:
+        tau = values["tau"]
+        if measured:
+            delta = values.get("delta_a", 0.0)
+            rho = math.inf if delta == 0 else PI / delta
+            r = tau * delta / PI if math.isfinite(tau) else math.nan
+            if math.isnan(delta):
+                rho = r = math.nan
+            if tau == 0:
+                estimator = "none"
+            self._last_rho = rho if math.isfinite(rho) or rho == math.inf else self._last_rho
+        else:
+            rho = self._last_rho if self._last_rho is not None else math.nan
+            delta = PI / rho if rho and math.isfinite(rho) else 0.0
+            r = tau / rho if rho and rho != math.inf else (0.0 if rho == math.inf else math.nan)
+        q = values.get("spread_q", [0.0, 0.0, 0.0])
+        spread = SpreadSummary(
+            count=int(values.get("count", 0)),
+            max=float(values.get("delta_a", 0.0)) if measured else 0.0,
+            q99=q[0], q90=q[1], median=q[2],
+            mean=values.get("spread_mean", 0.0),
+            min=values.get("spread_min", 0.0),
+            values=tuple(values.get("values", ())),
+        )
+        loss_value = values.get("loss")
+        if loss_value is None and isinstance(loss, (int, float)):
+            loss_value = float(loss)
+        lr = self.optimizer.param_groups[0].get("lr") if self.optimizer.param_groups else None
+        return StepReport(
+            step=self.step_count,
+            tau=tau,
+            rho_a=rho,
+            r=r,
+            delta_a=delta,
+            spread=spread,
+            applied_tau=tau,
+            estimator=estimator,  # type: ignore[arg-type]
+            measured=measured,
+            rho_binary=values.get("rho_binary"),
+            rho_top2=values.get("rho_top2"),
+            binding=tuple(int(i) for i in values.get("binding", ())),
+            loss=loss_value,
+            lr=float(lr) if lr is not None else None,
+            grad_norm=values.get("grad_norm"),
+        )
+
+    def _commit(
+        self, decision: Decision, params: list[Tensor], theta0: list[Tensor], delta: list[Tensor]
+    ) -> None:
+        if decision.action == "allow" or not params:
+            return
+        with torch.no_grad():
+            live = [p.detach() for p in params]
+            torch._foreach_copy_(live, theta0)
+            if decision.action == "clip":
+                torch._foreach_add_(live, delta, alpha=decision.scale)
+        if decision.action == "veto":
+            if self._state_backup is not None:
+                self._restore_state(self._state_backup)
+            elif self.policy.may_veto:
+                logger.warning("veto without a state backup: optimizer state keeps this step's update")
+
+    # ---------------------------------------------------------------- optimizer state
+
+    def _backup_state(self, params: list[Tensor]) -> dict[Tensor, dict[str, Any] | None]:
+        previous = self._state_backup or {}
+        backup: dict[Tensor, dict[str, Any] | None] = {}
+        state = self.optimizer.state
+        for p in params:
+            if p not in state:
+                backup[p] = None
+                continue
+            old = previous.get(p) or {}
+            saved: dict[str, Any] = {}
+            for key, value in state[p].items():
+                if isinstance(value, Tensor):
+                    buf = old.get(key)
+                    if isinstance(buf, Tensor) and buf.shape == value.shape and buf.dtype == value.dtype:
+                        buf.copy_(value)
+                    else:
+                        buf = value.detach().clone()
+                    saved[key] = buf
+                else:
+                    saved[key] = copy.deepcopy(value)
+            backup[p] = saved
+        return backup
+
+    def _restore_state(self, backup: Mapping[Tensor, dict[str, Any] | None]) -> None:
+        state = self.optimizer.state
+        for p, saved in backup.items():
+            if saved is None:
+                state.pop(p, None)
+                continue
+            current = state[p]
+            for key in [k for k in current if k not in saved]:
+                del current[key]
+            for key, value in saved.items():
+                target = current.get(key)
+                if isinstance(value, Tensor):
+                    if isinstance(target, Tensor) and target.shape == value.shape and target.dtype == value.dtype:
+                        with torch.no_grad():
+                            target.copy_(value)
+                    else:
+                        current[key] = value.clone()
+                else:
+                    current[key] = copy.deepcopy(value)
+
+    # ---------------------------------------------------------------- persistence
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step_count,
+            "counters": dict(self.counters),
+            "last_rho": self._last_rho,
+            "estimator": self._estimator,
+            "policy": self.policy.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        missing = {"step", "counters"} - set(state)
+        if missing:
+            raise ValueError(f"not a StepGuard state: missing {sorted(missing)}")
+        self.step_count = int(state["step"])
+        self.counters = {a: int(state["counters"].get(a, 0)) for a in ACTIONS}
+        self._last_rho = state.get("last_rho")
+        self._estimator = state.get("estimator", self.config.estimator)
+        self.policy.load_state_dict(state.get("policy", {}))
+
+    def close(self) -> None:
+        """Remove the capture hook and close the sinks."""
+        if self.capture is not None:
+            self.capture.remove()
+        self.sinks.flush()
+        self.sinks.close()
+
+
+# -------------------------------------------------------------------- helpers
+
+
+def _global_norm(tensors: list[Tensor]) -> Tensor:
+    norms = torch._foreach_norm(tensors, 2)
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]), 2)
+
+
+def _quantiles(spread: Tensor) -> Tensor:
+    q = torch.tensor(_QUANTILES, dtype=spread.dtype, device=spread.device)
+    if spread.numel() > 1 << 24:
+        spread = spread[torch.randperm(spread.numel(), device=spread.device)[: 1 << 24]]
+    return torch.quantile(spread, q)
+
+
+def _empty_vectors(device: torch.device) -> dict[str, Tensor]:
+    empty = torch.zeros(0, dtype=torch.float64, device=device)
+    return {"binding": empty, "values": empty}
+
+
+def _sync(scalars: Mapping[str, Tensor], vectors: Mapping[str, Tensor]) -> dict[str, Any]:
+    """Bring every measured number to the host in one transfer."""
+    names: list[tuple[str, int]] = []
+    parts: list[Tensor] = []
+    device = next(iter(scalars.values())).device
+    for name, value in {**scalars, **vectors}.items():
+        flat = value.detach().reshape(-1).to(device=device, dtype=torch.float64)
+        names.append((name, flat.numel()))
+        parts.append(flat)
+    numbers = torch.cat(parts).tolist() if parts else []
+    out: dict[str, Any] = {}
+    offset = 0
+    for name, n in names:
+        chunk = numbers[offset : offset + n]
+        offset += n
+        out[name] = chunk if (name in vectors or name == "spread_q") else chunk[0]
+    return out

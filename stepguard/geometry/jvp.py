@@ -1,0 +1,254 @@
+"""Logit velocities a = J_z·v: forward-mode AD through ``torch.func``, or a finite difference.
+
+The function differentiated is the *training* function: the same inputs, the same random
+numbers (dropout masks) and, in train mode, batch statistics for normalization layers,
+whose running buffers are left untouched by the replay.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jvp, vmap
+
+from stepguard.geometry.logits import LogitsFn, extract_logits
+
+logger = logging.getLogger("stepguard.geometry")
+
+Mode = Literal["train", "eval"]
+EstimatorChoice = Literal["auto", "jvp", "finite_difference"]
+
+_FORWARD_AD_HINTS = (
+    "forward ad",
+    "forward-mode",
+    "forward mode",
+    "jvp",
+    "functorch",
+    "setup_context",
+    "not implemented",
+)
+
+
+_replaying: contextvars.ContextVar[bool] = contextvars.ContextVar("stepguard_replaying", default=False)
+
+
+def is_replaying() -> bool:
+    """True inside StepGuard's own evaluations of a model (forward hooks use it to stay out)."""
+    return _replaying.get()
+
+
+@dataclass
+class Batch:
+    """One forward call of a model, replayable: its inputs and the random state before it.
+
+    Attributes:
+        args, kwargs: the forward's arguments (references, not copies).
+        rng_state: the CPU generator state before the forward (``None``: don't restore).
+        device_rng_states: accelerator generator states by device index.
+        training: whether the model was in train mode.
+    """
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    rng_state: Tensor | None = None
+    device_rng_states: dict[int, Tensor] = field(default_factory=dict)
+    training: bool = True
+
+    @classmethod
+    def from_inputs(cls, inputs: Any, *, training: bool = True) -> Batch:
+        """A batch from explicit inputs: a tensor, a tuple of args or a dict of kwargs.
+
+        The current RNG state is recorded, so every evaluation of the batch draws the same
+        random numbers and the caller's generator is left where it was.
+        """
+        if isinstance(inputs, Batch):
+            return inputs
+        rng = torch.get_rng_state()
+        if isinstance(inputs, Mapping):
+            return cls(args=(), kwargs=dict(inputs), rng_state=rng, training=training)
+        if isinstance(inputs, (tuple, list)):
+            return cls(args=tuple(inputs), rng_state=rng, training=training)
+        return cls(args=(inputs,), rng_state=rng, training=training)
+
+    @classmethod
+    def capture(cls, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Batch:
+        """Record a forward call from a forward pre-hook, with the RNG state before it."""
+        states: dict[int, Tensor] = {}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            for index in {t.device.index for t in _tensors(args, kwargs) if t.is_cuda}:
+                states[index if index is not None else torch.cuda.current_device()] = (
+                    torch.cuda.get_rng_state(index)
+                )
+        return cls(
+            args=tuple(args),
+            kwargs=dict(kwargs),
+            rng_state=torch.get_rng_state(),
+            device_rng_states=states,
+            training=module.training,
+        )
+
+
+def _tensors(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Iterator[Tensor]:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Tensor):
+            yield value
+
+
+@contextlib.contextmanager
+def replay_context(model: nn.Module, batch: Batch, mode: Mode) -> Iterator[None]:
+    """Run the model as it ran in ``batch``'s forward, leaving no trace on it or the RNG.
+
+    Train mode keeps each submodule's training flag but stops normalization layers from
+    updating their running statistics (they normalize with batch statistics, as in the
+    training forward). Eval mode switches the whole model to eval. The CPU and device
+    random generators are set to their state before the captured forward (so dropout draws
+    the same mask) and restored afterwards.
+    """
+    flags = {m: (m.training, getattr(m, "track_running_stats", None)) for m in model.modules()}
+    devices = list(batch.device_rng_states)
+    token = _replaying.set(True)
+    try:
+        with torch.random.fork_rng(devices=devices, enabled=batch.rng_state is not None):
+            if batch.rng_state is not None:
+                torch.set_rng_state(batch.rng_state)
+                for index, state in batch.device_rng_states.items():
+                    torch.cuda.set_rng_state(state, index)
+            if mode == "eval":
+                model.eval()
+            else:
+                for m in model.modules():
+                    if isinstance(m, nn.modules.batchnorm._NormBase) and m.training:
+                        m.track_running_stats = False
+            yield
+    finally:
+        _replaying.reset(token)
+        for m, (training, track) in flags.items():
+            m.training = training
+            if track is not None:
+                m.track_running_stats = track
+
+
+def _looks_like_forward_ad_gap(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, NotImplementedError) or any(h in text for h in _FORWARD_AD_HINTS)
+
+
+def logit_velocities(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    tangents: Sequence[Mapping[str, Tensor]],
+    batch: Batch,
+    *,
+    logits_fn: LogitsFn | None = None,
+    mode: Mode = "train",
+    estimator: EstimatorChoice = "auto",
+    fd_epsilon: float | None = None,
+) -> tuple[Tensor, Tensor, str]:
+    """Logits z(θ) and their derivatives along each tangent, on the replayed batch.
+
+    Args:
+        model: the module (unwrapped: no DDP / compile wrapper).
+        params: trainable parameters at which to differentiate, by name; the module's
+            other parameters and buffers are used as they are.
+        tangents: one or more unit directions, each a mapping with the keys of ``params``.
+        batch: the forward call to replay.
+        logits_fn: picks the logits from the model output (see :func:`extract_logits`).
+        mode: ``"train"`` replays the training function, ``"eval"`` the inference one.
+        estimator: ``"jvp"`` (forward-mode AD), ``"finite_difference"`` (central
+            difference), or ``"auto"`` (JVP, falling back to the difference when an op has
+            no forward-mode rule).
+        fd_epsilon: step of the central difference (default: cube root of the dtype's eps).
+
+    Returns:
+        ``(logits, velocities, estimator_used)``; velocities have shape (D, *logits.shape)
+        for D tangents.
+    """
+    if not tangents:
+        raise ValueError("logit_velocities needs at least one tangent")
+    names = list(params)
+    primals = {n: params[n].detach() for n in names}
+    stacked = [{n: t[n] for n in names} for t in tangents]
+    constants = {
+        **{n: p for n, p in model.named_parameters() if n not in primals},
+        **dict(model.named_buffers()),
+    }
+
+    def logits_at(theta: Mapping[str, Tensor]) -> Tensor:
+        out = functional_call(
+            model, {**constants, **theta}, batch.args, batch.kwargs, strict=False
+        )
+        return extract_logits(out, logits_fn)
+
+    if estimator in ("auto", "jvp"):
+        try:
+            with replay_context(model, batch, mode):
+                return (*_forward_mode(logits_at, primals, stacked, batch), "jvp")
+        except Exception as exc:
+            if estimator == "jvp" or not _looks_like_forward_ad_gap(exc):
+                raise
+            logger.warning(
+                "forward-mode AD is not supported by this model (%s: %s); using a central "
+                "finite difference for the logit velocities",
+                type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "",
+            )
+    with replay_context(model, batch, mode):
+        z, a = _finite_difference(logits_at, primals, stacked, batch, fd_epsilon)
+    return z, a, "finite_difference"
+
+
+def _forward_mode(
+    logits_at: Callable[[Mapping[str, Tensor]], Tensor],
+    primals: dict[str, Tensor],
+    tangents: list[dict[str, Tensor]],
+    batch: Batch,
+) -> tuple[Tensor, Tensor]:
+    if len(tangents) == 1:
+        z, a = jvp(logits_at, (primals,), (tangents[0],))
+        return z.detach(), a.detach().unsqueeze(0)
+    stacked = {n: torch.stack([t[n] for t in tangents]) for n in primals}
+    rng = batch.rng_state
+
+    def one(tangent: dict[str, Tensor]) -> Tensor:
+        if rng is not None:
+            torch.set_rng_state(rng)
+        return jvp(logits_at, (primals,), (tangent,))[1]
+
+    velocities = vmap(one, randomness="same")(stacked)
+    if rng is not None:
+        torch.set_rng_state(rng)
+    with torch.no_grad():
+        z = logits_at(primals)
+    return z.detach(), velocities.detach()
+
+
+def _finite_difference(
+    logits_at: Callable[[Mapping[str, Tensor]], Tensor],
+    primals: dict[str, Tensor],
+    tangents: list[dict[str, Tensor]],
+    batch: Batch,
+    epsilon: float | None,
+) -> tuple[Tensor, Tensor]:
+    dtype = next(iter(primals.values())).dtype
+    eps = epsilon if epsilon is not None else float(torch.finfo(dtype).eps) ** (1.0 / 3.0)
+    rng = batch.rng_state
+
+    def at(theta: Mapping[str, Tensor]) -> Tensor:
+        if rng is not None:
+            torch.set_rng_state(rng)
+        return logits_at(theta)
+
+    with torch.no_grad():
+        z = at(primals)
+        rows = []
+        for tangent in tangents:
+            plus = at({n: p + eps * tangent[n] for n, p in primals.items()})
+            minus = at({n: p - eps * tangent[n] for n, p in primals.items()})
+            rows.append((plus - minus) / (2 * eps))
+    return z.detach(), torch.stack(rows)

@@ -1,0 +1,113 @@
+"""Finding the logits in a model's output and choosing the rows that count."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+LogitsFn = Callable[[Any], Tensor]
+
+
+def extract_logits(output: Any, logits_fn: LogitsFn | None = None) -> Tensor:
+    """Return the logits tensor of a model output.
+
+    Accepted: a tensor; an object with a ``.logits`` attribute (Hugging Face outputs); a
+    mapping with a ``"logits"`` key; anything else through ``logits_fn(output)``.
+
+    Raises:
+        TypeError: when no logits can be found, or they are integer or complex.
+    """
+    if logits_fn is not None:
+        logits = logits_fn(output)
+    elif isinstance(output, Tensor):
+        logits = output
+    elif isinstance(output, Mapping) and "logits" in output:
+        logits = output["logits"]
+    elif isinstance(getattr(output, "logits", None), Tensor):
+        logits = output.logits
+    else:
+        raise TypeError(
+            f"cannot find logits in a model output of type {type(output).__name__}: "
+            "return a tensor, an object with .logits, or a dict with 'logits', or pass "
+            "logits_fn=lambda output: ... to pick the tensor the softmax acts on"
+        )
+    check_logits(logits)
+    return logits
+
+
+def check_logits(logits: Any) -> None:
+    """Raise a clear error unless ``logits`` is a real floating-point tensor."""
+    if not isinstance(logits, Tensor):
+        raise TypeError(
+            f"logits must be a torch.Tensor, got {type(logits).__name__}; "
+            "make logits_fn return the tensor the softmax acts on"
+        )
+    if logits.is_complex():
+        raise TypeError(
+            f"logits are complex ({logits.dtype}); the radius is defined for real logits"
+        )
+    if not logits.is_floating_point():
+        raise TypeError(
+            f"logits have integer dtype {logits.dtype}; they must be floating point "
+            "(did logits_fn return class indices, e.g. argmax, instead of the scores?)"
+        )
+    if logits.ndim == 0:
+        raise ValueError("logits are a scalar; expected (N,), (N, K) or (N, T, K)")
+
+
+def to_rows(
+    logits: Tensor,
+    velocity: Tensor | None = None,
+    *,
+    mask: Tensor | None = None,
+    targets: Tensor | None = None,
+    ignore_index: int | None = -100,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Flatten logits (and velocities, targets) to rows and drop the rows that don't count.
+
+    Shapes: (N,) is a one-logit head and becomes (N, 1); (N, K) stays; (N, T, K) and any
+    further leading dims flatten to (N·T, K). A row counts when ``mask`` is True there
+    and its target is not ``ignore_index``.
+
+    Returns:
+        ``(logit_rows, velocity_rows, target_rows, positions)`` where ``positions`` holds
+        the flat index of each kept row (``None`` when every row is kept).
+    """
+    if logits.ndim == 1:
+        logits = logits.unsqueeze(-1)
+        velocity = None if velocity is None else velocity.unsqueeze(-1)
+    lead = logits.shape[:-1]
+    k = logits.shape[-1]
+    z = logits.reshape(-1, k)
+    a = None if velocity is None else velocity.reshape(-1, k)
+    keep: Tensor | None = None
+    y: Tensor | None = None
+    if targets is not None:
+        if tuple(targets.shape) != tuple(lead):
+            raise ValueError(
+                f"targets have shape {tuple(targets.shape)} but the logits' rows have "
+                f"shape {tuple(lead)}; pass one class index per sample (or position)"
+            )
+        y = targets.reshape(-1).to(device=z.device)
+        if ignore_index is not None:
+            keep = y != ignore_index
+    if mask is not None:
+        if tuple(mask.shape) != tuple(lead):
+            raise ValueError(
+                f"mask has shape {tuple(mask.shape)} but the logits' rows have shape "
+                f"{tuple(lead)}; pass a boolean mask with one entry per sample (or position)"
+            )
+        m = mask.reshape(-1).to(device=z.device, dtype=torch.bool)
+        keep = m if keep is None else keep & m
+    if keep is None:
+        return z, a, y, None
+    positions = keep.nonzero().squeeze(-1)
+    return (
+        z.index_select(0, positions),
+        None if a is None else a.index_select(0, positions),
+        None if y is None else y.index_select(0, positions),
+        positions,
+    )

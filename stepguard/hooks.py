@@ -1,0 +1,89 @@
+"""``attach``: the guard as optimizer step hooks, for code that owns its optimizer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from stepguard.config import GuardConfig
+from stepguard.engine import GuardEngine
+from stepguard.geometry.logits import LogitsFn
+from stepguard.policy import Policy
+from stepguard.report import StepReport
+from stepguard.sinks.base import Sink
+
+
+class GuardHandle:
+    """What :func:`attach` returns: the guard's state and reports, and ``detach()``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, engine: GuardEngine) -> None:
+        self.optimizer = optimizer
+        self.engine = engine
+        self._pre = optimizer.register_step_pre_hook(self._before)
+        self._post = optimizer.register_step_post_hook(self._after)
+        self.attached = True
+
+    def _before(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.engine.before_step()
+
+    def _after(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.engine.after_step()
+
+    @property
+    def last_report(self) -> StepReport | None:
+        return self.engine.last_report
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return dict(self.engine.counters)
+
+    def observe(
+        self,
+        *,
+        inputs: Any = None,
+        targets: Tensor | None = None,
+        mask: Tensor | None = None,
+        loss: Tensor | float | None = None,
+    ) -> None:
+        """Tell the guard about the coming step (see :meth:`StepGuard.observe`)."""
+        self.engine.observe(inputs=inputs, targets=targets, mask=mask, loss=loss)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.engine.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.engine.load_state_dict(state)
+
+    def detach(self) -> None:
+        """Remove the step hooks and the capture hook, and close the sinks. Idempotent."""
+        if not self.attached:
+            return
+        self._pre.remove()
+        self._post.remove()
+        self.engine.close()
+        self.attached = False
+
+
+def attach(
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    policy: str | Policy = "monitor",
+    sinks: Iterable[Sink] = (),
+    config: GuardConfig | None = None,
+    *,
+    logits_fn: LogitsFn | None = None,
+) -> GuardHandle:
+    """Guard an optimizer that a framework owns, through its step pre/post hooks.
+
+    Behaves like :class:`~stepguard.StepGuard` (same measurement, policy, sinks, clip and
+    veto semantics) without replacing the optimizer object. Returns a handle whose
+    ``detach()`` removes every hook.
+    """
+    if model is None or not isinstance(model, nn.Module):
+        raise TypeError(
+            f"attach() needs the model as an nn.Module, got {type(model).__name__}"
+        )
+    return GuardHandle(optimizer, GuardEngine(optimizer, model, policy, sinks, config, logits_fn))
