@@ -1,10 +1,10 @@
 """The machinery of one guarded step, shared by :class:`~stepguard.StepGuard` and :func:`~stepguard.attach`.
 
-    before_step():  snapshot θ₀ (and the optimizer state when the policy can veto)
-    <inner optimizer step>
-    after_step():   Δθ = θ₁ − θ₀, τ = ‖Δθ‖ → JVP at θ₀ along Δθ/τ on the captured batch
-                    → one host sync → policy → commit (keep θ₁ | θ₀ + s·Δθ | θ₀ + state)
-                    → sinks
+before_step():  snapshot θ₀ (and the optimizer state when the policy can veto)
+<inner optimizer step>
+after_step():   Δθ = θ₁ − θ₀, τ = ‖Δθ‖ → JVP at θ₀ along Δθ/τ on the captured batch
+                → one host sync → policy → commit (keep θ₁ | θ₀ + s·Δθ | θ₀ + state)
+                → sinks
 """
 
 from __future__ import annotations
@@ -62,9 +62,7 @@ class GuardEngine:
         logits_fn: LogitsFn | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
-            )
+            raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(
                 f"model must be a torch.nn.Module, got {type(model).__name__}; pass the "
@@ -119,7 +117,7 @@ class GuardEngine:
         self._in_step = True
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         if len(params) != len(self._params) or any(
-            a is not b for a, b in zip(params, self._params)
+            a is not b for a, b in zip(params, self._params, strict=True)
         ):
             self._params = params
             self._theta0 = [torch.empty_like(p) for p in params]
@@ -222,7 +220,8 @@ class GuardEngine:
         if not fresh and self.step_count > 0:
             logger.warning(
                 "StepGuard is measuring step %d on the batch of an earlier step: the model "
-                "ran no training forward since the last step", self.step_count,
+                "ran no training forward since the last step",
+                self.step_count,
             )
         return batch
 
@@ -275,7 +274,10 @@ class GuardEngine:
         cfg = self.config
         targets = observed.get("targets")
         z, a, y, positions = to_rows(
-            logits, velocity, mask=observed.get("mask"), targets=targets,
+            logits,
+            velocity,
+            mask=observed.get("mask"),
+            targets=targets,
             ignore_index=cfg.ignore_index,
         )
         assert a is not None
@@ -339,7 +341,9 @@ class GuardEngine:
         spread = SpreadSummary(
             count=int(values.get("count", 0)),
             max=float(values.get("delta_a", 0.0)) if measured else 0.0,
-            q99=q[0], q90=q[1], median=q[2],
+            q99=q[0],
+            q90=q[1],
+            median=q[2],
             mean=values.get("spread_mean", 0.0),
             min=values.get("spread_min", 0.0),
             values=tuple(values.get("values", ())),
@@ -419,7 +423,8 @@ class GuardEngine:
             for key, value in saved.items():
                 target = current.get(key)
                 if isinstance(value, Tensor):
-                    if isinstance(target, Tensor) and target.shape == value.shape and target.dtype == value.dtype:
+                    same = isinstance(target, Tensor) and target.shape == value.shape
+                    if same and target.dtype == value.dtype:
                         with torch.no_grad():
                             target.copy_(value)
                     else:

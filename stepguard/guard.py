@@ -62,9 +62,7 @@ class StepGuard(torch.optim.Optimizer):
         if isinstance(optimizer, StepGuard):
             raise TypeError("this optimizer is already a StepGuard; wrap the inner optimizer once")
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"StepGuard wraps a torch.optim.Optimizer, got {type(optimizer).__name__}"
-            )
+            raise TypeError(f"StepGuard wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.optimizer = optimizer
         self.defaults = optimizer.defaults
         self._optimizer_step_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
@@ -178,9 +176,7 @@ class StepGuard(torch.optim.Optimizer):
         self.engine.close()
 
     def __getstate__(self) -> dict[str, Any]:
-        raise TypeError(
-            "a StepGuard holds hooks and sinks and is not picklable; save guard.state_dict()"
-        )
+        raise TypeError("a StepGuard holds hooks and sinks and is not picklable; save guard.state_dict()")
 
     def __repr__(self) -> str:
         return f"StepGuard({self.optimizer!r}, policy={self.engine.policy!r})"

@@ -83,7 +83,5 @@ def attach(
     ``detach()`` removes every hook.
     """
     if model is None or not isinstance(model, nn.Module):
-        raise TypeError(
-            f"attach() needs the model as an nn.Module, got {type(model).__name__}"
-        )
+        raise TypeError(f"attach() needs the model as an nn.Module, got {type(model).__name__}")
     return GuardHandle(optimizer, GuardEngine(optimizer, model, policy, sinks, config, logits_fn))

@@ -154,9 +154,7 @@ class StepReport:
                 for s in dataclasses.fields(SpreadSummary):
                     if s.name != "values":
                         out[f"spread.{s.name}"] = float(getattr(value, s.name))
-            elif isinstance(value, bool):
-                out[f.name] = float(value)
-            elif isinstance(value, (int, float)) and f.name not in ("rank", "world_size"):
+            elif isinstance(value, (bool, int, float)) and f.name not in ("rank", "world_size"):
                 out[f.name] = float(value)
         return out
 

@@ -103,9 +103,7 @@ def radius(
     z, velocities, used = logit_velocities(
         model, params, units, batch, logits_fn=logits_fn, mode=mode, estimator=estimator
     )
-    results = [
-        _result(z, a, targets, mask, ignore_index, temperature, used) for a in velocities
-    ]
+    results = [_result(z, a, targets, mask, ignore_index, temperature, used) for a in velocities]
     return results if many else results[0]
 
 
@@ -118,9 +116,7 @@ def _result(
     temperature: float,
     estimator: str,
 ) -> RadiusResult:
-    z, a, y, positions = to_rows(
-        logits, velocity, mask=mask, targets=targets, ignore_index=ignore_index
-    )
+    z, a, y, positions = to_rows(logits, velocity, mask=mask, targets=targets, ignore_index=ignore_index)
     assert a is not None
     if temperature != 1.0:
         z, a = z / temperature, a / temperature

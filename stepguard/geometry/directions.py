@@ -47,9 +47,9 @@ def align_direction(direction: Direction, model: nn.Module) -> dict[str, Tensor]
         seq = list(direction)
         everything = list(model.named_parameters())
         if len(seq) == len(everything):
-            pairs = {n: t for (n, p), t in zip(everything, seq) if p.requires_grad}
+            pairs = {n: t for (n, p), t in zip(everything, seq, strict=True) if p.requires_grad}
         elif len(seq) == len(trainable):
-            pairs = dict(zip(trainable, seq))
+            pairs = dict(zip(trainable, seq, strict=True))
         else:
             raise ValueError(
                 f"direction has {len(seq)} tensors but the model has {len(everything)} "
@@ -87,7 +87,5 @@ def normalize(direction: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
     norm = global_norm(list(direction.values()))
     value = float(norm)
     if not value > 0 or value == float("inf"):
-        raise ValueError(
-            f"the direction has norm {value}; a radius needs a non-zero, finite direction"
-        )
+        raise ValueError(f"the direction has norm {value}; a radius needs a non-zero, finite direction")
     return {n: t / norm.to(t.dtype) for n, t in direction.items()}, norm

@@ -84,14 +84,9 @@ def top2_radius(logits: Tensor, velocity: Tensor, targets: Tensor | None = None)
     """
     if logits.shape[-1] <= 2:
         return binary_radius(logits, velocity)
-    if targets is None:
-        y = logits.argmax(dim=-1)
-    else:
-        y = targets.to(device=logits.device, dtype=torch.long)
+    y = logits.argmax(dim=-1) if targets is None else targets.to(logits.device, torch.long)
     rows = torch.arange(logits.shape[0], device=logits.device)
-    others = logits.masked_fill(
-        torch.nn.functional.one_hot(y, logits.shape[-1]).bool(), -math.inf
-    )
+    others = logits.masked_fill(torch.nn.functional.one_hot(y, logits.shape[-1]).bool(), -math.inf)
     c = others.argmax(dim=-1)
     delta = logits[rows, y] - logits[rows, c]
     slope = velocity[rows, c] - velocity[rows, y]

@@ -181,9 +181,7 @@ def logit_velocities(
     }
 
     def logits_at(theta: Mapping[str, Tensor]) -> Tensor:
-        out = functional_call(
-            model, {**constants, **theta}, batch.args, batch.kwargs, strict=False
-        )
+        out = functional_call(model, {**constants, **theta}, batch.args, batch.kwargs, strict=False)
         return extract_logits(out, logits_fn)
 
     if estimator in ("auto", "jvp"):
@@ -196,7 +194,8 @@ def logit_velocities(
             logger.warning(
                 "forward-mode AD is not supported by this model (%s: %s); using a central "
                 "finite difference for the logit velocities",
-                type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "",
+                type(exc).__name__,
+                str(exc).splitlines()[0][:200] if str(exc) else "",
             )
     with replay_context(model, batch, mode):
         z, a = _finite_difference(logits_at, primals, stacked, batch, fd_epsilon)

@@ -46,9 +46,7 @@ def check_logits(logits: Any) -> None:
             "make logits_fn return the tensor the softmax acts on"
         )
     if logits.is_complex():
-        raise TypeError(
-            f"logits are complex ({logits.dtype}); the radius is defined for real logits"
-        )
+        raise TypeError(f"logits are complex ({logits.dtype}); the radius is defined for real logits")
     if not logits.is_floating_point():
         raise TypeError(
             f"logits have integer dtype {logits.dtype}; they must be floating point "

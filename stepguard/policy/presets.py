@@ -54,7 +54,8 @@ class ClipPolicy(Policy):
         if report.r > self.target_r:
             scale = self.target_r / report.r
             return Decision(
-                "clip", scale,
+                "clip",
+                scale,
                 f"r={report.r:.4g} > {self.target_r:g}: step scaled by {scale:.4g} to r={self.target_r:g}",
                 "clip_r",
             )

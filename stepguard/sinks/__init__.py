@@ -1,1 +1,1 @@
-"""Sinks: where step reports go (JSON lines, console; TensorBoard and Prometheus in stepguard.integrations)."""
+"""Sinks: where step reports go (JSON lines, console; TensorBoard and Prometheus: stepguard.integrations)."""

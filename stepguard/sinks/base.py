@@ -85,7 +85,10 @@ class SinkSet:
                 logger.warning(
                     "stepguard sink %s failed in %s(): %s: %s (training continues; further "
                     "failures of this sink are counted, not logged)",
-                    name, method, type(exc).__name__, exc,
+                    name,
+                    method,
+                    type(exc).__name__,
+                    exc,
                 )
             if self.max_failures is not None and count >= self.max_failures:
                 self.sinks.remove(sink)
