@@ -1,0 +1,7 @@
+"""``python -m stepguard``."""
+
+import sys
+
+from stepguard.cli import main
+
+sys.exit(main())
