@@ -1,0 +1,252 @@
+"""Shared fixtures for the integration tests: system binaries, servers on loopback, reports.
+
+``@pytest.mark.requires_binary("prometheus")`` skips a test when the binary is missing, but
+fails it when ``CI=true``: in CI, ``.ci/install-system-deps.sh`` installs every binary these
+tests need, so a missing one is a broken environment, not a reason to skip. The
+``require_module`` fixture does the same for optional Python packages.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+LOOPBACK = "127.0.0.1"
+
+
+def _ensure_importable() -> None:
+    """Make ``stepguard.integrations`` importable from an uninstalled source checkout.
+
+    An installed (or editable) package maps ``integrations/`` to ``stepguard.integrations``
+    through pyproject's package-dir; a bare checkout gets the same mapping here.
+    """
+    if importlib.util.find_spec("stepguard") is None:
+        sys.path.insert(0, str(REPO_ROOT))
+    if importlib.util.find_spec("stepguard.integrations") is not None:
+        return
+    spec = importlib.util.spec_from_file_location(
+        "stepguard.integrations",
+        REPO_ROOT / "integrations" / "__init__.py",
+        submodule_search_locations=[str(REPO_ROOT / "integrations")],
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["stepguard.integrations"] = module
+    spec.loader.exec_module(module)
+    import stepguard
+
+    stepguard.integrations = module  # type: ignore[attr-defined]
+
+
+_ensure_importable()
+
+
+def in_ci() -> bool:
+    """True when running under CI (``CI=true``), where nothing may be skipped for lack of deps."""
+    return os.environ.get("CI", "").strip().lower() == "true"
+
+
+def _missing(what: str, hint: str) -> None:
+    message = f"{what} is not available ({hint})"
+    if in_ci():
+        pytest.fail(f"{message}; CI=true, so this is an error, not a skip", pytrace=False)
+    pytest.skip(message)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for marker in item.iter_markers(name="requires_binary"):
+        for name in marker.args:
+            if shutil.which(name) is None:
+                _missing(f"the {name!r} binary", "install it with .ci/install-system-deps.sh")
+
+
+@pytest.fixture
+def require_module() -> Callable[[str], Any]:
+    """Import an optional module, skipping locally (failing under CI=true) when it is absent."""
+
+    def load(name: str) -> Any:
+        try:
+            return importlib.import_module(name)
+        except ImportError as exc:
+            _missing(f"the Python module {name!r}", f"{exc}; pip install it into the venv")
+
+    return load
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+def poll(
+    check: Callable[[], Any], *, timeout: float, interval: float = 0.2, what: str = "condition"
+) -> Any:
+    """Call ``check`` until it returns something truthy; fail after ``timeout`` seconds.
+
+    Exceptions raised by ``check`` count as "not yet" (a server that is still starting).
+    """
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    while True:
+        try:
+            value = check()
+        except Exception as exc:
+            value, last_error = None, exc
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            detail = f" (last error: {type(last_error).__name__}: {last_error})" if last_error else ""
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}{detail}")
+        time.sleep(interval)
+
+
+def http_get(url: str, params: Mapping[str, str] | None = None, timeout: float = 5.0) -> bytes:
+    """GET a loopback URL (refuses any other host)."""
+    host = urllib.parse.urlsplit(url).hostname
+    assert host == LOOPBACK, f"tests talk to {LOOPBACK} only, not {host}"
+    if params:
+        url = f"{url}?{urllib.parse.urlencode(params)}"
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.read()
+
+
+def http_json(url: str, params: Mapping[str, str] | None = None, timeout: float = 5.0) -> Any:
+    """GET a loopback URL and decode its JSON body."""
+    return json.loads(http_get(url, params, timeout))
+
+
+class Processes:
+    """Starts server processes and stops every one of them (by its own pid) at teardown."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        """Start ``argv`` with stdout and stderr to ``<log_dir>/<name>.log``."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, **kwargs)
+        log.close()
+        proc.name = name  # type: ignore[attr-defined]
+        self.started.append(proc)
+        return proc
+
+    def log(self, name: str) -> str:
+        """The tail of a process's output (for failure messages)."""
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+    def stop(self, proc: subprocess.Popen[bytes]) -> None:
+        """Terminate one process, killing it if it does not exit within 5 s."""
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.started):
+            self.stop(proc)
+        self.started.clear()
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    """Server processes that live for one test."""
+    procs = Processes(tmp_path / "logs")
+    yield procs
+    procs.stop_all()
+
+
+@pytest.fixture(scope="module")
+def module_processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Processes]:
+    """Server processes shared by the tests of one module."""
+    procs = Processes(tmp_path_factory.mktemp("logs"))
+    yield procs
+    procs.stop_all()
+
+
+def make_report(step: int, **overrides: Any) -> Any:
+    """A StepReport with every optional field filled, its numbers derived from ``step``.
+
+    Values are chosen to be exactly representable in float32 where that is easy, but tests
+    must not rely on it: TensorBoard comparisons round the expected value to float32.
+    """
+    from stepguard.report import SpreadSummary, StepReport
+
+    tau = 0.125 * (step + 1)
+    rho_a = 2.0 + 0.25 * (step % 4)
+    spreads = tuple(math.pi / rho_a * f for f in (0.25, 0.5, 0.75, 1.0))
+    fields: dict[str, Any] = dict(
+        step=step,
+        tau=tau,
+        rho_a=rho_a,
+        r=tau / rho_a,
+        delta_a=math.pi / rho_a,
+        spread=SpreadSummary(
+            count=len(spreads), max=max(spreads), q99=spreads[-1], q90=spreads[-1],
+            median=(spreads[1] + spreads[2]) / 2, mean=sum(spreads) / len(spreads),
+            min=min(spreads), values=spreads,
+        ),
+        action="allow",
+        scale=1.0,
+        applied_tau=tau,
+        reason="",
+        rule=None,
+        rho_binary=rho_a * 1.5,
+        rho_top2=rho_a * 1.25,
+        loss=2.0 / (step + 1),
+        lr=0.01,
+        grad_norm=1.0 + step,
+        update_param_cosine=-0.5,
+        sc_fraction=0.01 * step,
+        sc_zero_loss_fraction=0.005 * step,
+        max_logit_gap=3.0 + step,
+        logz_mean=1.5,
+        logz_sq_mean=2.5,
+        nlm_cosine=0.25,
+        entanglement={"gram.chosen.rejected": 0.5 - 0.1 * step, "cos.chosen.rejected": -0.75},
+        extras={"loss.base": 1.0 / (step + 1)},
+        timings={"jvp": 0.002, "total": 0.004},
+    )
+    fields.update(overrides)
+    return StepReport(**fields)
+
+
+@pytest.fixture
+def report() -> Callable[..., Any]:
+    """The :func:`make_report` factory."""
+    return make_report
+
+
+@pytest.fixture(scope="session")
+def helpers() -> SimpleNamespace:
+    """The helper functions of this file, for test modules (which should not import conftest)."""
+    return SimpleNamespace(
+        free_port=free_port, poll=poll, http_get=http_get, http_json=http_json,
+        make_report=make_report, in_ci=in_ci, repo_root=REPO_ROOT,
+    )
