@@ -75,7 +75,8 @@ def global_norm(tensors: Sequence[Tensor]) -> Tensor:
     if not tensors:
         return torch.zeros(())
     norms = torch._foreach_norm(list(tensors), 2)
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2)
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]), 2)
 
 
 def normalize(direction: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
