@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from stepguard.capture import ForwardCapture, unwrap_model
 from stepguard.config import GuardConfig
+from stepguard.diagnostics import EntanglementProbe, nlm_cosine, softmax_collapse_stats, update_param_cosine
 from stepguard.geometry.formulas import PI, logit_spread, top2_radius
 from stepguard.geometry.jvp import Batch, logit_velocities
 from stepguard.geometry.logits import LogitsFn, to_rows
@@ -93,8 +94,26 @@ class GuardEngine:
         self._t_before = 0.0
         self._snap_seconds = 0.0
         self._in_step = False
+        self._probe: EntanglementProbe | None = None
 
     # ---------------------------------------------------------------- inputs
+
+    def watch(self, objectives: Mapping[str, Tensor], *, lengths: Mapping[str, Any] | None = None) -> None:
+        """Measure the gradient entanglement of named objectives for the coming step.
+
+        Call after the forward and before ``backward`` (or keep the graph): the Gram matrix
+        G_ij = ⟨∇ℓ_i, ∇ℓ_j⟩ over the optimizer's parameters is computed now, with one batched
+        VJP; after the step the report also carries the realized first-order change
+        ∇ℓ_i·Δθ_applied of each objective ("A Common Pitfall of Margin-based Language Model
+        Alignment: Gradient Entanglement", arXiv 2410.13828).
+        """
+        if not objectives:
+            raise ValueError("watch() needs at least one named objective, e.g. chosen=..., rejected=...")
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if self._probe is None:
+            self._probe = EntanglementProbe()
+        self._probe.observe(objectives, params, lengths=lengths)
+        self._observed["watched"] = True
 
     def observe(
         self,
@@ -165,6 +184,14 @@ class GuardEngine:
         timings["measure"] = time.perf_counter() - t
         if self._grad_norm is not None:
             tensors["grad_norm"] = self._grad_norm
+        if params:
+            tensors["update_param_cosine"] = update_param_cosine(delta, theta0)
+        entangled: list[str] = []
+        if observed.get("watched") and self._probe is not None:
+            self._probe.realized(delta)
+            for name, value in self._probe.scalars().items():
+                entangled.append(name)
+                tensors[f"entanglement.{name}"] = value
         if isinstance(loss, Tensor) and loss.numel() == 1:
             tensors["loss"] = loss.detach().reshape(())
 
@@ -173,6 +200,10 @@ class GuardEngine:
         timings["sync"] = time.perf_counter() - t
 
         report = self._proposal(values, estimator, measure, n_binding, n_values, loss)
+        if entangled:
+            report = dataclasses.replace(
+                report, entanglement={n: values[f"entanglement.{n}"] for n in entangled}
+            )
         t = time.perf_counter()
         decision = self.policy.decide(report)
         if not isinstance(decision, Decision):
@@ -187,8 +218,12 @@ class GuardEngine:
         timings["commit"] = time.perf_counter() - t
 
         self.counters[decision.action] += 1
+        entanglement = {
+            n: v * decision.scale if n.startswith("realized.") else v for n, v in report.entanglement.items()
+        }
         report = dataclasses.replace(
             report,
+            entanglement=entanglement,
             action=decision.action,
             scale=decision.scale,
             applied_tau=report.tau * decision.scale if decision.scale else 0.0,
@@ -196,9 +231,7 @@ class GuardEngine:
             rule=decision.rule,
             timings=timings,
         )
-        t = time.perf_counter()
         self.sinks.write(report)
-        timings["sinks"] = time.perf_counter() - t
         self.step_count += 1
         self.last_report = report
         return report
@@ -298,6 +331,12 @@ class GuardEngine:
             "spread_min": spread.min(),
             "spread_q": _quantiles(spread),
         }
+        if z.shape[-1] >= 2:
+            collapse = softmax_collapse_stats(z, y)
+            for key in ("sc_fraction", "sc_zero_loss_fraction", "max_logit_gap", "logz_mean", "logz_sq_mean"):
+                if key in collapse:
+                    scalars[key] = collapse[key]
+            scalars["nlm_cosine"] = nlm_cosine(z, a)
         top2 = top2_radius(z, a, y).to(torch.float64)
         scalars["rho_top2"] = top2.min()
         if z.shape[-1] <= 2:
@@ -368,6 +407,13 @@ class GuardEngine:
             loss=loss_value,
             lr=float(lr) if lr is not None else None,
             grad_norm=values.get("grad_norm"),
+            update_param_cosine=values.get("update_param_cosine"),
+            sc_fraction=values.get("sc_fraction"),
+            sc_zero_loss_fraction=values.get("sc_zero_loss_fraction"),
+            max_logit_gap=values.get("max_logit_gap"),
+            logz_mean=values.get("logz_mean"),
+            logz_sq_mean=values.get("logz_sq_mean"),
+            nlm_cosine=values.get("nlm_cosine"),
         )
 
     def _commit(

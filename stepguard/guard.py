@@ -120,6 +120,17 @@ class StepGuard(torch.optim.Optimizer):
         """Tell the guard about the coming step: targets, padding mask, loss, or explicit inputs."""
         self.engine.observe(inputs=inputs, targets=targets, mask=mask, loss=loss)
 
+    def watch(self, *, lengths: dict[str, Any] | None = None, **objectives: Tensor) -> None:
+        """Watch named objectives' gradient entanglement for the coming step.
+
+        Call between the forward and ``backward`` (the graph is kept for the backward), e.g.
+        ``guard.watch(chosen=logp_w.sum(), rejected=logp_l.sum())``. The report then carries
+        ``entanglement["gram.chosen.rejected"]``, ``["cosine.chosen.rejected"]``,
+        ``["ratio_chosen"]``, ``["ratio_rejected"]`` and the realized first-order change of
+        each objective along the applied update, ``["realized.chosen"]``.
+        """
+        self.engine.watch(objectives, lengths=lengths)
+
     def step(  # type: ignore[override]
         self,
         closure: Callable[[], Any] | None = None,

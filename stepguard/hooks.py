@@ -51,6 +51,10 @@ class GuardHandle:
         """Tell the guard about the coming step (see :meth:`StepGuard.observe`)."""
         self.engine.observe(inputs=inputs, targets=targets, mask=mask, loss=loss)
 
+    def watch(self, *, lengths: dict[str, Any] | None = None, **objectives: Tensor) -> None:
+        """Watch named objectives' gradient entanglement (see :meth:`StepGuard.watch`)."""
+        self.engine.watch(objectives, lengths=lengths)
+
     def state_dict(self) -> dict[str, Any]:
         return self.engine.state_dict()
 
