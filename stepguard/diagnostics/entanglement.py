@@ -259,19 +259,24 @@ def _param_list(params: Params) -> list[Tensor]:
         plist = [p for p in params.parameters() if p.requires_grad]
     else:
         plist = list(params)
-    if not plist:
-        raise ValueError("no parameters to differentiate with respect to")
+    if not any(p.requires_grad for p in plist):
+        raise ValueError("no parameter that requires grad to differentiate with respect to")
     return plist
 
 
 def _batched_grads(outputs: Tensor, params: list[Tensor]) -> list[Tensor | None]:
-    """Rows of the Jacobian d outputs / d params: one (n, *p.shape) tensor per parameter."""
+    """Rows of the Jacobian d outputs / d params: one (n, *p.shape) tensor per parameter.
+
+    Parameters that do not require grad, or that the outputs do not depend on, get ``None``.
+    """
     n = outputs.shape[0]
+    live = [i for i, p in enumerate(params) if p.requires_grad]
+    targets = [params[i] for i in live]
     eye = torch.eye(n, dtype=outputs.dtype, device=outputs.device)
     try:
         grads = torch.autograd.grad(
             outputs,
-            params,
+            targets,
             grad_outputs=eye,
             is_grads_batched=True,
             retain_graph=True,
@@ -286,12 +291,15 @@ def _batched_grads(outputs: Tensor, params: list[Tensor]) -> list[Tensor | None]
             stacklevel=3,
         )
         rows = [
-            torch.autograd.grad(outputs[i], params, retain_graph=True, allow_unused=True) for i in range(n)
+            torch.autograd.grad(outputs[i], targets, retain_graph=True, allow_unused=True) for i in range(n)
         ]
         grads = tuple(
-            None if rows[0][k] is None else torch.stack([r[k] for r in rows]) for k in range(len(params))
+            None if rows[0][k] is None else torch.stack([r[k] for r in rows]) for k in range(len(targets))
         )
-    return list(grads)
+    out: list[Tensor | None] = [None] * len(params)
+    for i, g in zip(live, grads, strict=True):
+        out[i] = g
+    return out
 
 
 def _gram(grads: list[Tensor | None], m: int, batch: int | None) -> Tensor:

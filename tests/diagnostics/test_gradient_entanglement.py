@@ -246,10 +246,15 @@ def test_module_params_skip_frozen_ones_and_unused_params_contribute_zero():
         warnings.simplefilter("error")
         with_unused = entanglement({"chosen": lw, "rejected": ll}, [*trainable, unused])
     torch.testing.assert_close(with_unused.gram, from_list.gram)
+    # A frozen tensor in an explicit list (e.g. an optimizer's param group) contributes 0.
+    everything = list(model.parameters())
+    with_frozen = entanglement({"chosen": lw, "rejected": ll}, everything)
+    torch.testing.assert_close(with_frozen.gram, from_list.gram)
     probe = EntanglementProbe()
-    probe.observe({"chosen": lw, "rejected": ll}, [*trainable, unused])
-    realized = probe.realized([torch.ones_like(p) for p in [*trainable, unused]])
-    assert set(realized) == {"chosen", "rejected"}
+    probe.observe({"chosen": lw, "rejected": ll}, [*everything, unused])
+    realized = probe.realized([torch.ones_like(p) for p in [*everything, unused]])
+    expected = flat_grad(lw, trainable) @ torch.ones(sum(p.numel() for p in trainable), dtype=torch.float64)
+    torch.testing.assert_close(realized["chosen"], expected)
 
 
 def test_zero_gradient_gives_zero_ratio_and_cosine():
