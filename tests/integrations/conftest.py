@@ -8,6 +8,7 @@ tests need, so a missing one is a broken environment, not a reason to skip. The
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -249,4 +250,146 @@ def helpers() -> SimpleNamespace:
     return SimpleNamespace(
         free_port=free_port, poll=poll, http_get=http_get, http_json=http_json,
         make_report=make_report, in_ci=in_ci, repo_root=REPO_ROOT,
+        start_tensorboard=start_tensorboard,
     )
+
+
+class HeadlessChromium:
+    """Headless Chromium driven over the DevTools protocol on a pipe (no port is opened).
+
+    ``--remote-debugging-pipe`` makes Chromium read commands from fd 3 and write replies to
+    fd 4, NUL-separated JSON. Unlike ``--screenshot`` with a virtual-time budget, this lets a
+    test wait for a real condition in the page before it takes the screenshot.
+    """
+
+    def __init__(self, binary: str, profile_dir: Path, log_path: Path,
+                 width: int = 1400, height: int = 900) -> None:
+        cmd_r, self._cmd_w = os.pipe()
+        self._res_r, res_w = os.pipe()
+
+        def remap_fds() -> None:  # runs in the child, before exec
+            a, b = os.dup(cmd_r), os.dup(res_w)
+            os.dup2(a, 3)
+            os.dup2(b, 4)
+
+        with open(log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-extensions",
+                 f"--user-data-dir={profile_dir}", f"--window-size={width},{height}",
+                 "--remote-debugging-pipe", "about:blank"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                preexec_fn=remap_fds, close_fds=False,
+            )
+        os.close(cmd_r)
+        os.close(res_w)
+        self._buffer = b""
+        self._next_id = 0
+        self.session: str | None = None
+
+    def send(self, method: str, params: Mapping[str, Any] | None = None,
+             session: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
+        """Send one command and wait for its reply (events in between are dropped)."""
+        import select
+
+        self._next_id += 1
+        message: dict[str, Any] = {"id": self._next_id, "method": method,
+                                   "params": dict(params or {})}
+        if session:
+            message["sessionId"] = session
+        os.write(self._cmd_w, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\0" not in self._buffer:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([self._res_r], [], [], left)[0]:
+                    raise TimeoutError(f"chromium did not answer {method} within {timeout} s")
+                chunk = os.read(self._res_r, 1 << 20)
+                if not chunk:
+                    raise RuntimeError("chromium closed the DevTools pipe")
+                self._buffer += chunk
+            raw, self._buffer = self._buffer.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self._next_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return dict(reply["result"])
+
+    def open(self, url: str) -> None:
+        """Open ``url`` (loopback only) in a new tab and attach to it."""
+        assert urllib.parse.urlsplit(url).hostname == LOOPBACK, url
+        target = self.send("Target.createTarget", {"url": url})["targetId"]
+        self.session = self.send("Target.attachToTarget",
+                                 {"targetId": target, "flatten": True})["sessionId"]
+
+    def evaluate(self, expression: str) -> Any:
+        """Evaluate a JavaScript expression in the page and return its JSON value."""
+        result = self.send("Runtime.evaluate", {"expression": expression,
+                                                "returnByValue": True}, session=self.session)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"page script failed: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def screenshot(self) -> bytes:
+        """A PNG of the page's viewport."""
+        import base64
+
+        data = self.send("Page.captureScreenshot", {"format": "png"}, session=self.session)
+        return base64.b64decode(data["data"])
+
+    def close(self) -> None:
+        """Close the browser (killing it if it does not exit)."""
+        with contextlib.suppress(Exception):
+            self.send("Browser.close", timeout=5)
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+        for fd in (self._cmd_w, self._res_r):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+@pytest.fixture
+def chromium(tmp_path: Path) -> Iterator[HeadlessChromium]:
+    """A headless Chromium (the test must be marked ``requires_binary("chromium")``)."""
+    binary = shutil.which("chromium")
+    if binary is None:
+        _missing("the 'chromium' binary", "install it with .ci/install-system-deps.sh")
+    assert binary is not None
+    browser = HeadlessChromium(binary, tmp_path / "chromium-profile", tmp_path / "chromium.log")
+    yield browser
+    browser.close()
+
+
+def tensorboard_binary() -> str | None:
+    """The ``tensorboard`` launcher of the running interpreter's environment."""
+    candidate = Path(sys.executable).with_name("tensorboard")
+    return str(candidate) if candidate.exists() else shutil.which("tensorboard")
+
+
+def start_tensorboard(processes: Processes, log_dir: Path, expect_runs: Sequence[str]) -> str:
+    """Start a TensorBoard server on 127.0.0.1 and wait until it lists ``expect_runs``.
+
+    Returns:
+        The server's base URL.
+    """
+    binary = tensorboard_binary()
+    if binary is None:
+        _missing("the tensorboard launcher", "pip install 'stepguard[tensorboard]'")
+    port = free_port()
+    name = f"tensorboard-{port}"
+    proc = processes.start(name, [binary, "--logdir", str(log_dir), "--host", LOOPBACK,
+                                  "--port", str(port), "--load_fast", "false",
+                                  "--reload_interval", "1"])
+    base = f"http://{LOOPBACK}:{port}"
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            pytest.fail(f"tensorboard exited with {proc.returncode}:\n{processes.log(name)}")
+        return set(expect_runs) <= set(http_json(f"{base}/data/runs"))
+
+    poll(ready, timeout=30, what=f"tensorboard to list runs {list(expect_runs)}")
+    return base
