@@ -9,6 +9,7 @@ Public names (re-exported here; the implementation lives in the submodules):
 """
 
 from stepguard.config import GuardConfig
+from stepguard.engine import HaltTraining, NoBatchError
 from stepguard.geometry import RadiusResult, radius
 from stepguard.guard import StepGuard
 from stepguard.hooks import GuardHandle, attach
@@ -20,7 +21,9 @@ __all__ = [
     "Decision",
     "GuardConfig",
     "GuardHandle",
+    "HaltTraining",
     "MonitorPolicy",
+    "NoBatchError",
     "Policy",
     "RadiusResult",
     "SpreadSummary",

@@ -39,6 +39,24 @@ class NoBatchError(RuntimeError):
     """The guard has no training batch to measure the step on."""
 
 
+class HaltTraining(RuntimeError):
+    """A policy decided that training must stop; raised after the step was committed and reported.
+
+    Attributes:
+        step: the step index the guard was at.
+        reason: the policy's reason.
+        report: the :class:`~stepguard.StepReport` of that step.
+    """
+
+    def __init__(self, report: StepReport) -> None:
+        self.step = report.step
+        self.reason = report.reason
+        self.report = report
+        super().__init__(
+            f"StepGuard halted training at step {report.step}: {report.reason} (rule {report.rule})"
+        )
+
+
 class GuardEngine:
     """Snapshot, measure, decide and commit one optimizer step.
 
@@ -83,6 +101,7 @@ class GuardEngine:
             self.capture = ForwardCapture(self.model)
         self.step_count = 0
         self.counters: dict[str, int] = dict.fromkeys(ACTIONS, 0)
+        self.rule_counters: dict[str, int] = {}
         self.last_report: StepReport | None = None
         self._estimator = self.config.estimator
         self._last_rho: float | None = None
@@ -218,6 +237,8 @@ class GuardEngine:
         timings["commit"] = time.perf_counter() - t
 
         self.counters[decision.action] += 1
+        if decision.rule is not None:
+            self.rule_counters[decision.rule] = self.rule_counters.get(decision.rule, 0) + 1
         entanglement = {
             n: v * decision.scale if n.startswith("realized.") else v for n, v in report.entanglement.items()
         }
@@ -234,6 +255,9 @@ class GuardEngine:
         self.sinks.write(report)
         self.step_count += 1
         self.last_report = report
+        if decision.halt:
+            self.sinks.flush()
+            raise HaltTraining(report)
         return report
 
     # ---------------------------------------------------------------- measurement
@@ -484,6 +508,7 @@ class GuardEngine:
         return {
             "step": self.step_count,
             "counters": dict(self.counters),
+            "rule_counters": dict(self.rule_counters),
             "last_rho": self._last_rho,
             "estimator": self._estimator,
             "policy": self.policy.state_dict(),
@@ -495,6 +520,7 @@ class GuardEngine:
             raise ValueError(f"not a StepGuard state: missing {sorted(missing)}")
         self.step_count = int(state["step"])
         self.counters = {a: int(state["counters"].get(a, 0)) for a in ACTIONS}
+        self.rule_counters = {str(k): int(v) for k, v in state.get("rule_counters", {}).items()}
         self._last_rho = state.get("last_rho")
         self._estimator = state.get("estimator", self.config.estimator)
         self.policy.load_state_dict(state.get("policy", {}))

@@ -35,12 +35,15 @@ class Decision:
             ``c·ρ_a/τ`` for clip, 0 for veto.
         reason: a sentence a person can read, e.g. ``"r=31.2 > 1.0: clipped to r=1"``.
         rule: the name of the rule that decided (``None`` when no rule fired).
+        halt: stop training after this step is committed: the guard sends the report to
+            the sinks, then raises :class:`~stepguard.HaltTraining` naming the step and reason.
     """
 
     action: Action = "allow"
     scale: float = 1.0
     reason: str = ""
     rule: str | None = None
+    halt: bool = False
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:

@@ -387,3 +387,46 @@ def test_batchnorm_buffers_are_not_touched_by_the_measurement() -> None:
     guard.step()
     for n, b in net.named_buffers():
         assert torch.equal(b, after_forward[n]), n
+
+
+def test_a_halting_decision_commits_reports_then_raises() -> None:
+    from stepguard import Decision, HaltTraining, Policy
+
+    class HaltOnSecond(Policy):
+        name = "halt_on_second"
+
+        def __init__(self) -> None:
+            self.seen = 0
+
+        def decide(self, report):
+            self.seen += 1
+            if self.seen == 2:
+                return Decision("veto", 0.0, "second step", "halt_rule", halt=True)
+            return Decision()
+
+    written = []
+
+    class Collect:
+        def write(self, report):
+            written.append(report)
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    net = make_net()
+    guard = StepGuard(torch.optim.SGD(net.parameters(), lr=0.1), model=net, policy=HaltOnSecond(), sinks=[Collect()])
+    backward(net, *batch())
+    guard.step()
+    before = params_of(net)
+    guard.zero_grad()
+    backward(net, *batch())
+    with pytest.raises(HaltTraining, match="step 1: second step") as info:
+        guard.step()
+    assert info.value.step == 1 and written[-1].action == "veto"
+    for p, p0 in zip(net.parameters(), before, strict=True):
+        assert torch.equal(p.detach(), p0)
+    assert guard.engine.rule_counters == {"halt_rule": 1}
+    assert guard.state_dict()["stepguard"]["rule_counters"] == {"halt_rule": 1}
