@@ -22,17 +22,15 @@ from torch import Tensor, nn
 
 from stepguard.capture import ForwardCapture, unwrap_model
 from stepguard.config import GuardConfig
-from stepguard.diagnostics import EntanglementProbe, nlm_cosine, softmax_collapse_stats, update_param_cosine
-from stepguard.geometry.formulas import PI, logit_spread, top2_radius
-from stepguard.geometry.jvp import Batch, logit_velocities
-from stepguard.geometry.logits import LogitsFn, to_rows
+from stepguard.diagnostics import EntanglementProbe, update_param_cosine
+from stepguard.geometry.jvp import Batch
+from stepguard.geometry.logits import LogitsFn
+from stepguard.measure import build_report, global_norm, measure_update, sync_to_host
 from stepguard.policy import Policy, resolve_policy
-from stepguard.report import ACTIONS, Decision, SpreadSummary, StepReport
+from stepguard.report import ACTIONS, Decision, StepReport
 from stepguard.sinks.base import Sink, SinkSet
 
 logger = logging.getLogger("stepguard")
-
-_QUANTILES = (0.99, 0.9, 0.5)
 
 
 class NoBatchError(RuntimeError):
@@ -163,7 +161,7 @@ class GuardEngine:
             if params:
                 torch._foreach_copy_(self._theta0, [p.detach() for p in params])
             grads = [p.grad for p in params if p.grad is not None]
-            self._grad_norm = _global_norm(grads) if grads else None
+            self._grad_norm = global_norm(grads) if grads else None
         if self.policy.may_veto and self.config.restore_state_on_veto:
             self._state_backup = self._backup_state(params)
         else:
@@ -185,21 +183,17 @@ class GuardEngine:
         params, theta0 = self._params, self._theta0
         with torch.no_grad():
             delta = torch._foreach_sub([p.detach() for p in params], theta0) if params else []
-            tau_t = _global_norm(delta) if delta else torch.zeros(())
+            tau_t = global_norm(delta) if delta else torch.zeros(())
         timings["diff"] = time.perf_counter() - t
 
         measure = self.step_count % self.config.measure_every == 0 or self._last_rho is None
         t = time.perf_counter()
         tensors: dict[str, Tensor] = {"tau": tau_t}
         extra_values: dict[str, Tensor] = {}
-        n_binding = n_values = 0
         estimator = "estimate"
         if measure:
-            estimator, geometry = self._measure(params, theta0, delta, tau_t, observed)
-            tensors.update(geometry["scalars"])
-            extra_values = geometry["vectors"]
-            n_binding = extra_values["binding"].numel()
-            n_values = extra_values["values"].numel()
+            estimator, scalars, extra_values = self._measure(params, theta0, delta, tau_t, observed)
+            tensors.update(scalars)
         timings["measure"] = time.perf_counter() - t
         if self._grad_norm is not None:
             tensors["grad_norm"] = self._grad_norm
@@ -215,10 +209,10 @@ class GuardEngine:
             tensors["loss"] = loss.detach().reshape(())
 
         t = time.perf_counter()
-        values = _sync(tensors, extra_values)
+        values = sync_to_host(tensors, extra_values)
         timings["sync"] = time.perf_counter() - t
 
-        report = self._proposal(values, estimator, measure, n_binding, n_values, loss)
+        report = self._proposal(values, estimator, measure, loss)
         if entangled:
             report = dataclasses.replace(
                 report, entanglement={n: values[f"entanglement.{n}"] for n in entangled}
@@ -289,156 +283,54 @@ class GuardEngine:
         delta: list[Tensor],
         tau: Tensor,
         observed: Mapping[str, Any],
-    ) -> tuple[str, dict[str, dict[str, Tensor]]]:
+    ) -> tuple[str, dict[str, Tensor], dict[str, Tensor]]:
         if self.model is None:
             raise NoBatchError(
                 "StepGuard has no model to measure: pass StepGuard(optimizer, model=net) "
                 "(or attach(optimizer, net))"
             )
         batch = self._batch(observed)
-        named = dict(self.model.named_parameters())
         index = {id(p): i for i, p in enumerate(params)}
         primals: dict[str, Tensor] = {}
-        tangent: dict[str, Tensor] = {}
-        scale = torch.where(tau > 0, 1.0 / tau, torch.zeros_like(tau))
-        for name, p in named.items():
+        update: dict[str, Tensor] = {}
+        for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
             i = index.get(id(p))
-            if i is None:
-                primals[name] = p.detach()
-                tangent[name] = torch.zeros_like(p)
-            else:
-                primals[name] = theta0[i]
-                tangent[name] = delta[i] * scale.to(device=p.device, dtype=p.dtype)
-        z, velocities, used = logit_velocities(
+            primals[name] = p.detach() if i is None else theta0[i]
+            update[name] = torch.zeros_like(p) if i is None else delta[i]
+        used, scalars, vectors = measure_update(
             self.model,
             primals,
-            [tangent],
+            update,
+            tau,
             batch,
+            config=self.config,
+            targets=observed.get("targets"),
+            mask=observed.get("mask"),
             logits_fn=self.logits_fn,
-            mode=self.config.mode,
             estimator=self._estimator,
-            fd_epsilon=self.config.fd_epsilon,
         )
         if self._estimator == "auto" and used == "finite_difference":
             self._estimator = "finite_difference"
-        return used, self._geometry(z, velocities[0], tau, observed)
-
-    def _geometry(
-        self, logits: Tensor, velocity: Tensor, tau: Tensor, observed: Mapping[str, Any]
-    ) -> dict[str, dict[str, Tensor]]:
-        cfg = self.config
-        targets = observed.get("targets")
-        z, a, y, positions = to_rows(
-            logits,
-            velocity,
-            mask=observed.get("mask"),
-            targets=targets,
-            ignore_index=cfg.ignore_index,
-        )
-        assert a is not None
-        if cfg.temperature != 1.0:
-            z, a = z / cfg.temperature, a / cfg.temperature
-        device = a.device
-        spread = logit_spread(a).to(torch.float64)
-        count = spread.numel()
-        if count == 0:
-            zero = torch.zeros((), dtype=torch.float64, device=device)
-            scalars = {"delta_a": zero, "count": zero}
-            return {"scalars": scalars, "vectors": _empty_vectors(device)}
-        delta = spread.max()
-        scalars: dict[str, Tensor] = {
-            "delta_a": delta,
-            "count": torch.tensor(float(count), dtype=torch.float64, device=device),
-            "spread_mean": spread.mean(),
-            "spread_min": spread.min(),
-            "spread_q": _quantiles(spread),
-        }
-        if z.shape[-1] >= 2:
-            collapse = softmax_collapse_stats(z, y)
-            for key in ("sc_fraction", "sc_zero_loss_fraction", "max_logit_gap", "logz_mean", "logz_sq_mean"):
-                if key in collapse:
-                    scalars[key] = collapse[key]
-            scalars["nlm_cosine"] = nlm_cosine(z, a)
-        top2 = top2_radius(z, a, y).to(torch.float64)
-        scalars["rho_top2"] = top2.min()
-        if z.shape[-1] <= 2:
-            scalars["rho_binary"] = top2.min()
-        k = min(cfg.binding_k, count)
-        binding = torch.topk(top2, k, largest=False).indices if k else top2.new_zeros(0)
-        if positions is not None and k:
-            binding = positions[binding]
-        values = spread if count <= cfg.max_spread_values else spread.new_zeros(0)
-        return {
-            "scalars": scalars,
-            "vectors": {"binding": binding.to(torch.float64), "values": values},
-        }
+        return used, scalars, vectors
 
     # ---------------------------------------------------------------- decision
 
-    def _proposal(
-        self,
-        values: dict[str, Any],
-        estimator: str,
-        measured: bool,
-        n_binding: int,
-        n_values: int,
-        loss: Any,
-    ) -> StepReport:
-        tau = values["tau"]
-        if measured:
-            delta = values.get("delta_a", 0.0)
-            rho = math.inf if delta == 0 else PI / delta
-            r = tau * delta / PI if math.isfinite(tau) else math.nan
-            if math.isnan(delta):
-                rho = r = math.nan
-            if tau == 0:
-                estimator = "none"
-            self._last_rho = rho if math.isfinite(rho) or rho == math.inf else self._last_rho
-        else:
-            rho = self._last_rho if self._last_rho is not None else math.nan
-            delta = PI / rho if rho and math.isfinite(rho) else 0.0
-            r = tau / rho if rho and rho != math.inf else (0.0 if rho == math.inf else math.nan)
-        q = values.get("spread_q", [0.0, 0.0, 0.0])
-        spread = SpreadSummary(
-            count=int(values.get("count", 0)),
-            max=float(values.get("delta_a", 0.0)) if measured else 0.0,
-            q99=q[0],
-            q90=q[1],
-            median=q[2],
-            mean=values.get("spread_mean", 0.0),
-            min=values.get("spread_min", 0.0),
-            values=tuple(values.get("values", ())),
-        )
-        loss_value = values.get("loss")
-        if loss_value is None and isinstance(loss, (int, float)):
-            loss_value = float(loss)
+    def _proposal(self, values: dict[str, Any], estimator: str, measured: bool, loss: Any) -> StepReport:
         lr = self.optimizer.param_groups[0].get("lr") if self.optimizer.param_groups else None
-        return StepReport(
+        report = build_report(
+            values,
             step=self.step_count,
-            tau=tau,
-            rho_a=rho,
-            r=r,
-            delta_a=delta,
-            spread=spread,
-            applied_tau=tau,
-            estimator=estimator,  # type: ignore[arg-type]
+            estimator=estimator,
             measured=measured,
-            rho_binary=values.get("rho_binary"),
-            rho_top2=values.get("rho_top2"),
-            binding=tuple(int(i) for i in values.get("binding", ())),
-            loss=loss_value,
+            last_rho=self._last_rho,
+            loss=loss,
             lr=float(lr) if lr is not None else None,
-            grad_norm=values.get("grad_norm"),
-            update_param_cosine=values.get("update_param_cosine"),
-            sc_fraction=values.get("sc_fraction"),
-            sc_zero_loss_fraction=values.get("sc_zero_loss_fraction"),
-            max_logit_gap=values.get("max_logit_gap"),
-            logz_mean=values.get("logz_mean"),
-            logz_sq_mean=values.get("logz_sq_mean"),
-            nlm_cosine=values.get("nlm_cosine"),
         )
+        if measured and (math.isfinite(report.rho_a) or report.rho_a == math.inf):
+            self._last_rho = report.rho_a
+        return report
 
     def _commit(
         self, decision: Decision, params: list[Tensor], theta0: list[Tensor], delta: list[Tensor]
@@ -531,43 +423,3 @@ class GuardEngine:
             self.capture.remove()
         self.sinks.flush()
         self.sinks.close()
-
-
-# -------------------------------------------------------------------- helpers
-
-
-def _global_norm(tensors: list[Tensor]) -> Tensor:
-    norms = torch._foreach_norm(tensors, 2)
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]), 2)
-
-
-def _quantiles(spread: Tensor) -> Tensor:
-    q = torch.tensor(_QUANTILES, dtype=spread.dtype, device=spread.device)
-    if spread.numel() > 1 << 24:
-        spread = spread[torch.randperm(spread.numel(), device=spread.device)[: 1 << 24]]
-    return torch.quantile(spread, q)
-
-
-def _empty_vectors(device: torch.device) -> dict[str, Tensor]:
-    empty = torch.zeros(0, dtype=torch.float64, device=device)
-    return {"binding": empty, "values": empty}
-
-
-def _sync(scalars: Mapping[str, Tensor], vectors: Mapping[str, Tensor]) -> dict[str, Any]:
-    """Bring every measured number to the host in one transfer."""
-    names: list[tuple[str, int]] = []
-    parts: list[Tensor] = []
-    device = next(iter(scalars.values())).device
-    for name, value in {**scalars, **vectors}.items():
-        flat = value.detach().reshape(-1).to(device=device, dtype=torch.float64)
-        names.append((name, flat.numel()))
-        parts.append(flat)
-    numbers = torch.cat(parts).tolist() if parts else []
-    out: dict[str, Any] = {}
-    offset = 0
-    for name, n in names:
-        chunk = numbers[offset : offset + n]
-        offset += n
-        out[name] = chunk if (name in vectors or name == "spread_q") else chunk[0]
-    return out
