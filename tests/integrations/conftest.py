@@ -1,16 +1,15 @@
-"""Shared fixtures for the integration tests: system binaries, servers on loopback, reports.
+"""Shared fixtures for the integration tests: servers on loopback, a browser, reports.
 
-``@pytest.mark.requires_binary("prometheus")`` skips a test when the binary is missing, but
-fails it when ``CI=true``: in CI, ``.ci/install-system-deps.sh`` installs every binary these
-tests need, so a missing one is a broken environment, not a reason to skip. The
-``require_module`` fixture does the same for optional Python packages.
+Tests that need a system binary are marked ``@pytest.mark.requires_binary("prometheus")``
+(handled in ``tests/conftest.py``: skipped locally when the binary is missing, an error
+under ``CI=true``, where ``.ci/install-system-deps.sh`` installs them all). The
+``require_module`` fixture applies the same rule to optional Python packages.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
-import importlib.util
 import json
 import math
 import os
@@ -33,33 +32,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 LOOPBACK = "127.0.0.1"
 
 
-def _ensure_importable() -> None:
-    """Make ``stepguard.integrations`` importable from an uninstalled source checkout.
-
-    An installed (or editable) package maps ``integrations/`` to ``stepguard.integrations``
-    through pyproject's package-dir; a bare checkout gets the same mapping here.
-    """
-    if importlib.util.find_spec("stepguard") is None:
-        sys.path.insert(0, str(REPO_ROOT))
-    if importlib.util.find_spec("stepguard.integrations") is not None:
-        return
-    spec = importlib.util.spec_from_file_location(
-        "stepguard.integrations",
-        REPO_ROOT / "integrations" / "__init__.py",
-        submodule_search_locations=[str(REPO_ROOT / "integrations")],
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["stepguard.integrations"] = module
-    spec.loader.exec_module(module)
-    import stepguard
-
-    stepguard.integrations = module  # type: ignore[attr-defined]
-
-
-_ensure_importable()
-
-
 def in_ci() -> bool:
     """True when running under CI (``CI=true``), where nothing may be skipped for lack of deps."""
     return os.environ.get("CI", "").strip().lower() == "true"
@@ -70,13 +42,6 @@ def _missing(what: str, hint: str) -> None:
     if in_ci():
         pytest.fail(f"{message}; CI=true, so this is an error, not a skip", pytrace=False)
     pytest.skip(message)
-
-
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    for marker in item.iter_markers(name="requires_binary"):
-        for name in marker.args:
-            if shutil.which(name) is None:
-                _missing(f"the {name!r} binary", "install it with .ci/install-system-deps.sh")
 
 
 @pytest.fixture
