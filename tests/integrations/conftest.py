@@ -209,13 +209,40 @@ def report() -> Callable[..., Any]:
     return make_report
 
 
+# Grafana's dashboard schema is kept outside the repository, next to it.
+GRAFANA_SCHEMA = REPO_ROOT.parent / "shared" / "reference" / "grafana" / "dashboard.jsonschema.json"
+
+
+def dashboard_queries(rate_interval: str = "1m") -> list[tuple[str, str, str]]:
+    """Every PromQL query of the shipped dashboard, with Grafana's variables substituted.
+
+    Returns:
+        ``(panel title, refId, expr)`` for each target.
+    """
+    from stepguard.integrations.assets import grafana_dashboard
+
+    dashboard = json.loads(grafana_dashboard().read_text())
+    substitutions = {"$__rate_interval": rate_interval, "$__interval": rate_interval,
+                     "$__range": rate_interval, "$run": ".*"}
+    queries = []
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            for variable, value in substitutions.items():
+                expr = expr.replace(variable, value)
+            assert "$" not in expr, f"unsubstituted variable in {panel['title']}: {expr}"
+            queries.append((panel["title"], target["refId"], expr))
+    return queries
+
+
 @pytest.fixture(scope="session")
 def helpers() -> SimpleNamespace:
     """The helper functions of this file, for test modules (which should not import conftest)."""
     return SimpleNamespace(
         free_port=free_port, poll=poll, http_get=http_get, http_json=http_json,
         make_report=make_report, in_ci=in_ci, repo_root=REPO_ROOT,
-        start_tensorboard=start_tensorboard,
+        start_tensorboard=start_tensorboard, dashboard_queries=dashboard_queries,
+        grafana_schema=GRAFANA_SCHEMA,
     )
 
 
