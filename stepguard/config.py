@@ -18,7 +18,14 @@ class GuardConfig(BaseModel):
             ``"finite_difference"`` force one.
         fd_epsilon: step of the finite difference (default: cube root of the dtype's eps).
         measure_every: measure with a fresh JVP every this many steps; in between, r is
-            estimated as τ_t/ρ_a(last measured direction).
+            estimated as τ_t/ρ_a(last measured direction), and a jump of τ, an estimate
+            near the boundary or a turn of the direction forces a fresh measurement.
+        budget: instead of a fixed interval, keep the guard's own time near this fraction
+            of the step time (e.g. 0.10), with the same triggers.
+        tau_jump, r_alert, min_cosine: the triggers (see :mod:`stepguard.schedule`).
+        distributed: ``"auto"`` reduces measurements across ``torch.distributed`` ranks
+            before deciding (Δ_a by MAX, counts by SUM), so every rank takes the same
+            decision; ``"off"`` keeps each rank's own numbers (monitoring only).
         ignore_index: target value of rows (tokens) that do not count.
         temperature: the softmax temperature T the loss applies to the logits
             (ρ_a(T) = π·T/Δ_a of the raw logits).
@@ -36,6 +43,11 @@ class GuardConfig(BaseModel):
     estimator: Literal["auto", "jvp", "finite_difference"] = "auto"
     fd_epsilon: float | None = Field(default=None, gt=0)
     measure_every: int = Field(default=1, ge=1)
+    budget: float | None = Field(default=None, gt=0, lt=1)
+    tau_jump: float = Field(default=1.5, gt=1)
+    r_alert: float = Field(default=0.5, gt=0)
+    min_cosine: float = Field(default=0.5, ge=-1, le=1)
+    distributed: Literal["auto", "off"] = "auto"
     ignore_index: int | None = -100
     temperature: float = Field(default=1.0, gt=0)
     binding_k: int = Field(default=5, ge=0)

@@ -23,11 +23,13 @@ from torch import Tensor, nn
 from stepguard.capture import ForwardCapture, unwrap_model
 from stepguard.config import GuardConfig
 from stepguard.diagnostics import EntanglementProbe, update_param_cosine
+from stepguard.distributed import is_distributed, rank_and_world, reduce_across_ranks
 from stepguard.geometry.jvp import Batch
 from stepguard.geometry.logits import LogitsFn
 from stepguard.measure import build_report, global_norm, measure_update, sync_to_host
 from stepguard.policy import Policy, resolve_policy
 from stepguard.report import ACTIONS, Decision, StepReport
+from stepguard.schedule import MeasurementSchedule
 from stepguard.sinks.base import Sink, SinkSet
 
 logger = logging.getLogger("stepguard")
@@ -112,6 +114,21 @@ class GuardEngine:
         self._snap_seconds = 0.0
         self._in_step = False
         self._probe: EntanglementProbe | None = None
+        cfg = self.config
+        self.schedule = MeasurementSchedule(
+            every=cfg.measure_every,
+            budget=cfg.budget,
+            tau_jump=cfg.tau_jump,
+            r_alert=cfg.r_alert,
+            min_cosine=cfg.min_cosine,
+        )
+        self._sketch_index: list[Tensor] | None = None
+        self._sketch_ref: Tensor | None = None
+        self._idle_cost: float | None = None
+        self._period: float | None = None
+        self._last_end: float | None = None
+        self._distributed = cfg.distributed == "auto" and is_distributed()
+        self._rank, self._world = rank_and_world() if self._distributed else (0, 1)
 
     # ---------------------------------------------------------------- inputs
 
@@ -174,19 +191,19 @@ class GuardEngine:
         if not self._in_step:
             raise RuntimeError("after_step() without before_step(): the step was not snapshotted")
         self._in_step = False
-        timings = {"snapshot": self._snap_seconds, "optimizer": time.perf_counter() - self._t_before}
+        started = time.perf_counter()
+        timings = {"snapshot": self._snap_seconds, "optimizer": started - self._t_before}
         observed, self._observed = self._observed, {}
         if loss is None:
             loss = observed.get("loss")
 
-        t = time.perf_counter()
         params, theta0 = self._params, self._theta0
         with torch.no_grad():
             delta = torch._foreach_sub([p.detach() for p in params], theta0) if params else []
             tau_t = global_norm(delta) if delta else torch.zeros(())
-        timings["diff"] = time.perf_counter() - t
+        timings["diff"] = time.perf_counter() - started
 
-        measure = self.step_count % self.config.measure_every == 0 or self._last_rho is None
+        measure, why = self._due(delta, tau_t, timings)
         t = time.perf_counter()
         tensors: dict[str, Tensor] = {"tau": tau_t}
         extra_values: dict[str, Tensor] = {}
@@ -194,6 +211,7 @@ class GuardEngine:
         if measure:
             estimator, scalars, extra_values = self._measure(params, theta0, delta, tau_t, observed)
             tensors.update(scalars)
+            self._sketch_ref = self._sketch(delta)
         timings["measure"] = time.perf_counter() - t
         if self._grad_norm is not None:
             tensors["grad_norm"] = self._grad_norm
@@ -209,10 +227,21 @@ class GuardEngine:
             tensors["loss"] = loss.detach().reshape(())
 
         t = time.perf_counter()
+        if self._distributed:
+            if measure:
+                tensors.update(self._cost_tensors(timings["measure"], tau_t))
+                tensors = reduce_across_ranks(tensors)
+            else:
+                # no collective on an estimated step: keep only what every rank shares
+                tensors.pop("loss", None)
+                for name in entangled:
+                    tensors.pop(f"entanglement.{name}")
+                entangled = []
         values = sync_to_host(tensors, extra_values)
-        timings["sync"] = time.perf_counter() - t
+        timings["reduce_sync"] = time.perf_counter() - t
 
-        report = self._proposal(values, estimator, measure, loss)
+        report = self._proposal(values, estimator, measure, loss if not self._distributed else None)
+        report = dataclasses.replace(report, rank=self._rank, world_size=self._world)
         if entangled:
             report = dataclasses.replace(
                 report, entanglement={n: values[f"entanglement.{n}"] for n in entangled}
@@ -229,6 +258,7 @@ class GuardEngine:
         t = time.perf_counter()
         self._commit(decision, params, theta0, delta)
         timings["commit"] = time.perf_counter() - t
+        self._account(measure, values, timings)
 
         self.counters[decision.action] += 1
         if decision.rule is not None:
@@ -242,7 +272,7 @@ class GuardEngine:
             action=decision.action,
             scale=decision.scale,
             applied_tau=report.tau * decision.scale if decision.scale else 0.0,
-            reason=decision.reason,
+            reason=decision.reason if measure else f"{decision.reason} [r estimated; {why}]",
             rule=decision.rule,
             timings=timings,
         )
@@ -253,6 +283,75 @@ class GuardEngine:
             self.sinks.flush()
             raise HaltTraining(report)
         return report
+
+    # ---------------------------------------------------------------- schedule
+
+    def _due(self, delta: list[Tensor], tau: Tensor, timings: dict[str, float]) -> tuple[bool, str]:
+        """Whether this step gets a fresh JVP (see :class:`~stepguard.schedule.MeasurementSchedule`)."""
+        schedule = self.schedule
+        if self._last_rho is None or self._sketch_ref is None:
+            return True, "first"
+        if not schedule.needs_triggers:
+            return True, "every step"
+        t = time.perf_counter()
+        probe = {"tau": tau}
+        sketch = self._sketch(delta)
+        if sketch is not None:
+            probe["cosine"] = _cosine(sketch, self._sketch_ref)
+        pre = sync_to_host(probe, {})
+        timings["trigger"] = time.perf_counter() - t
+        tau_value = pre["tau"]
+        rho = self._last_rho
+        estimate = 0.0 if rho == math.inf else (tau_value / rho if rho > 0 else math.nan)
+        due, why = schedule.due(tau_value, estimate, pre.get("cosine"))
+        return due, why
+
+    def _sketch(self, delta: list[Tensor]) -> Tensor | None:
+        """A fixed random sample of Δθ's coordinates, to tell when the direction turns."""
+        if not delta:
+            return None
+        if self._sketch_index is None or len(self._sketch_index) != len(delta):
+            gen = torch.Generator().manual_seed(0)
+            self._sketch_index = [
+                torch.randperm(d.numel(), generator=gen)[:_SKETCH_PER_TENSOR].to(d.device) for d in delta
+            ]
+        parts = [
+            d.reshape(-1).index_select(0, i).to(torch.float64)
+            for d, i in zip(delta, self._sketch_index, strict=True)
+        ]
+        return torch.cat(parts)
+
+    def _cost_tensors(self, measure_seconds: float, like: Tensor) -> dict[str, Tensor]:
+        def as_tensor(x: float | None) -> Tensor:
+            return torch.tensor(math.nan if x is None else x, dtype=torch.float64, device=like.device)
+
+        return {
+            "cost_measure": as_tensor(measure_seconds),
+            "cost_idle": as_tensor(self._idle_cost),
+            "cost_period": as_tensor(self._period),
+        }
+
+    def _account(self, measured: bool, values: Mapping[str, Any], timings: Mapping[str, float]) -> None:
+        """Keep the running costs the budget needs, identical on every rank."""
+        now = time.perf_counter()
+        own = sum(v for k, v in timings.items() if k != "optimizer")
+        if self._last_end is not None:
+            self._period = _ema(self._period, now - self._last_end)
+        self._last_end = now
+        if measured:
+            self.schedule.measured(values["tau"])
+            if self.schedule.budget is not None:
+                cost = values.get("cost_measure", timings["measure"])
+                idle = values.get("cost_idle", self._idle_cost)
+                period = values.get("cost_period", self._period)
+                self.schedule.set_costs(
+                    measure=cost,
+                    idle=None if idle is None or math.isnan(idle) else idle,
+                    period=None if period is None or math.isnan(period) else period,
+                )
+        else:
+            self._idle_cost = _ema(self._idle_cost, own)
+            self.schedule.skipped()
 
     # ---------------------------------------------------------------- measurement
 
@@ -403,6 +502,7 @@ class GuardEngine:
             "rule_counters": dict(self.rule_counters),
             "last_rho": self._last_rho,
             "estimator": self._estimator,
+            "schedule": self.schedule.state_dict(),
             "policy": self.policy.state_dict(),
         }
 
@@ -415,6 +515,7 @@ class GuardEngine:
         self.rule_counters = {str(k): int(v) for k, v in state.get("rule_counters", {}).items()}
         self._last_rho = state.get("last_rho")
         self._estimator = state.get("estimator", self.config.estimator)
+        self.schedule.load_state_dict(state.get("schedule", {}))
         self.policy.load_state_dict(state.get("policy", {}))
 
     def close(self) -> None:
@@ -423,3 +524,15 @@ class GuardEngine:
             self.capture.remove()
         self.sinks.flush()
         self.sinks.close()
+
+
+_SKETCH_PER_TENSOR = 256
+
+
+def _cosine(a: Tensor, b: Tensor) -> Tensor:
+    denominator = torch.linalg.vector_norm(a) * torch.linalg.vector_norm(b)
+    return torch.where(denominator > 0, (a @ b) / denominator, torch.ones_like(denominator))
+
+
+def _ema(old: float | None, new: float, decay: float = 0.8) -> float:
+    return new if old is None else decay * old + (1 - decay) * new

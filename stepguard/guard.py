@@ -39,6 +39,10 @@ class StepGuard(torch.optim.Optimizer):
         sinks: where each :class:`~stepguard.StepReport` goes (JSON lines, console,
             TensorBoard, Prometheus …). A failing sink never stops training.
         config: a :class:`~stepguard.GuardConfig`.
+        budget: keep the guard's own time near this fraction of the step time (e.g. 0.10):
+            measure on a schedule, estimate r = τ_t/ρ_a(last) in between, and measure
+            afresh whenever τ jumps, the estimate nears the boundary or the direction turns
+            (shorthand for ``GuardConfig(budget=...)``).
         logits_fn: picks the logits from the model output when it is not a tensor,
             ``.logits`` or ``{"logits": …}``.
 
@@ -57,6 +61,7 @@ class StepGuard(torch.optim.Optimizer):
         sinks: Iterable[Sink] = (),
         config: GuardConfig | None = None,
         *,
+        budget: float | None = None,
         logits_fn: LogitsFn | None = None,
     ) -> None:
         if isinstance(optimizer, StepGuard):
@@ -72,6 +77,8 @@ class StepGuard(torch.optim.Optimizer):
         self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
         self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
         self._zero_grad_profile_name = "Optimizer.zero_grad#StepGuard.zero_grad"
+        if budget is not None:
+            config = GuardConfig.model_validate((config or GuardConfig()).model_dump() | {"budget": budget})
         self.engine = GuardEngine(optimizer, model, policy, sinks, config, logits_fn)
 
     # The inner optimizer owns the parameters and their state; the guard only points at them.

@@ -78,6 +78,7 @@ def attach(
     sinks: Iterable[Sink] = (),
     config: GuardConfig | None = None,
     *,
+    budget: float | None = None,
     logits_fn: LogitsFn | None = None,
 ) -> GuardHandle:
     """Guard an optimizer that a framework owns, through its step pre/post hooks.
@@ -88,4 +89,6 @@ def attach(
     """
     if model is None or not isinstance(model, nn.Module):
         raise TypeError(f"attach() needs the model as an nn.Module, got {type(model).__name__}")
+    if budget is not None:
+        config = GuardConfig.model_validate((config or GuardConfig()).model_dump() | {"budget": budget})
     return GuardHandle(optimizer, GuardEngine(optimizer, model, policy, sinks, config, logits_fn))

@@ -1,0 +1,127 @@
+"""Agreeing across data-parallel ranks before deciding.
+
+Each rank measures on its own shard; the numbers are then reduced so that every rank sees
+the same Δ_a, ρ_a, r and therefore takes the same decision — a rank that skips while
+another steps would poison the run. The reduction of each field follows its definition:
+
+* Δ_a = max over *all* samples → MAX; likewise the largest logit gap, spread quantiles
+  (the MAX of per-rank quantiles, an upper bound on the global quantile), τ and the
+  gradient norm (equal on every rank under DDP; MAX makes a disagreement conservative).
+* minima (smallest spread, top-2 and binary radii) → MIN.
+* counts → SUM; per-row averages (softmax-collapse fractions, log Z moments, the NLM
+  cosine, the mean spread) → count-weighted means; the loss and everything else → mean.
+
+Two collectives per measured step (one SUM, one MAX that carries the MINs negated), all
+fields packed into one tensor each. A non-finite value on any rank stays non-finite.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+_MAX = (
+    "delta_a",
+    "max_logit_gap",
+    "spread_q",
+    "tau",
+    "grad_norm",
+    "cost_measure",
+    "cost_idle",
+    "cost_period",
+)
+_MIN = ("spread_min", "rho_top2", "rho_binary")
+_COUNT = "count"
+_PER_ROW = ("sc_fraction", "sc_zero_loss_fraction", "logz_mean", "logz_sq_mean", "nlm_cosine", "spread_mean")
+
+
+def is_distributed(group: object | None = None) -> bool:
+    """True when ``torch.distributed`` is initialized with more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def rank_and_world(group: object | None = None) -> tuple[int, int]:
+    if not is_distributed(group):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def reduce_across_ranks(values: Mapping[str, Tensor], group: object | None = None) -> dict[str, Tensor]:
+    """Reduce each measured tensor across ranks by the rule of its field (see module docstring).
+
+    Every rank must call this with the same keys in the same order (the guard guarantees
+    it: which fields exist depends only on the model and the configuration).
+    """
+    if not is_distributed(group):
+        return dict(values)
+    world = dist.get_world_size(group)
+    names = list(values)
+    device = next(iter(values.values())).device
+    flat = {n: values[n].detach().reshape(-1).to(device=device, dtype=torch.float64) for n in names}
+    count = flat.get(_COUNT)
+
+    max_parts: list[Tensor] = []
+    sum_parts: list[Tensor] = []
+    layout: list[tuple[str, str, int]] = []
+    for name in names:
+        v = flat[name]
+        if name in _MAX or name in _MIN:
+            signed = v if name in _MAX else -v
+            max_parts.append(torch.where(torch.isnan(signed), torch.full_like(signed, -torch.inf), signed))
+            sum_parts.append(torch.isnan(v).to(torch.float64))
+            layout.append((name, "max" if name in _MAX else "min", v.numel()))
+        elif name == _COUNT:
+            sum_parts.append(v)
+            layout.append((name, "sum", v.numel()))
+        elif name in _PER_ROW and count is not None:
+            sum_parts.append(v * count)
+            layout.append((name, "weighted", v.numel()))
+        else:
+            sum_parts.append(v)
+            layout.append((name, "mean", v.numel()))
+
+    max_buf = torch.cat(max_parts) if max_parts else torch.zeros(0, dtype=torch.float64, device=device)
+    sum_buf = torch.cat(sum_parts) if sum_parts else torch.zeros(0, dtype=torch.float64, device=device)
+    if max_buf.numel():
+        dist.all_reduce(max_buf, op=dist.ReduceOp.MAX, group=group)
+    if sum_buf.numel():
+        dist.all_reduce(sum_buf, op=dist.ReduceOp.SUM, group=group)
+
+    total = None
+    if count is not None:
+        offset = 0
+        for name, kind, n in layout:
+            if kind in ("max", "min"):
+                offset += n  # its NaN flags
+            elif name == _COUNT:
+                total = sum_buf[offset : offset + n]
+                break
+            else:
+                offset += n
+
+    out: dict[str, Tensor] = {}
+    mo = so = 0
+    for name, kind, n in layout:
+        shape = values[name].shape
+        if kind in ("max", "min"):
+            v = max_buf[mo : mo + n]
+            nan_flags = sum_buf[so : so + n]
+            mo += n
+            so += n
+            v = v if kind == "max" else -v
+            v = torch.where(nan_flags > 0, torch.full_like(v, torch.nan), v)
+        elif kind == "sum":
+            v = sum_buf[so : so + n]
+            so += n
+        elif kind == "weighted":
+            assert total is not None
+            v = sum_buf[so : so + n] / total.clamp_min(1.0)
+            so += n
+        else:
+            v = sum_buf[so : so + n] / world
+            so += n
+        out[name] = v.reshape(shape)
+    return out

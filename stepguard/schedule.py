@@ -1,0 +1,113 @@
+"""When to run a fresh JVP: every N steps, or within a time budget with triggers.
+
+ρ_a depends on the direction of the update, not on its length, so between measurements
+r is estimated for free as τ_t/ρ_a(last measured direction). A fresh measurement is due
+when the schedule says so, or whenever the estimate can no longer be trusted:
+
+* τ jumped: τ_t/τ_ref ∉ [1/``tau_jump``, ``tau_jump``] (τ_ref: τ at the last measurement);
+  a learning-rate spike multiplies τ on the very step it happens;
+* the estimate nears the boundary: τ_t/ρ_a(last) ≥ ``r_alert``;
+* the direction turned: the cosine between Δθ_t and the last measured Δθ, on a fixed
+  random sample of coordinates, fell below ``min_cosine``.
+
+In budget mode the interval is set from measured costs so that the guard's own time stays
+near ``budget`` × the step time: with c_m the cost of a measurement, c_0 the guard's cost
+on an unmeasured step and T the step period, N = ⌈c_m / (budget·T − c_0)⌉ (at most
+``max_interval``). Triggers still fire inside the budget: a spike is measured on the step
+it happens, whatever the budget says.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass
+class MeasurementSchedule:
+    """Decides, step by step, whether the guard runs a fresh JVP.
+
+    Args:
+        every: measure every this many steps (without a budget).
+        budget: target fraction of the step time spent in the guard (None: no budget).
+        tau_jump: ratio of τ to τ_ref beyond which a measurement is forced.
+        r_alert: an estimated r at or above this forces a measurement.
+        min_cosine: a direction cosine below this forces a measurement.
+        max_interval: the longest run of estimated steps.
+    """
+
+    every: int = 1
+    budget: float | None = None
+    tau_jump: float = 1.5
+    r_alert: float = 0.5
+    min_cosine: float = 0.5
+    max_interval: int = 64
+    interval: int = 1
+    since: int = 0
+    tau_ref: float | None = None
+    measure_cost: float | None = None
+    idle_cost: float | None = None
+    step_period: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ValueError(f"measure_every must be >= 1, got {self.every}")
+        if self.budget is not None and not 0 < self.budget < 1:
+            raise ValueError(f"budget must lie in (0, 1), got {self.budget}")
+        self.interval = self.every if self.budget is None else 1
+
+    @property
+    def needs_triggers(self) -> bool:
+        """Whether :meth:`due` reads τ and the direction cosine (budget or sparse schedules)."""
+        return self.budget is not None or self.every > 1
+
+    def due(self, tau: float | None, r_estimate: float | None, cosine: float | None) -> tuple[bool, str]:
+        """Whether to measure this step, and why."""
+        if self.tau_ref is None or r_estimate is None:
+            return True, "first"
+        if self.since + 1 >= self.interval:
+            return True, "schedule"
+        if tau is not None and self.tau_ref > 0 and math.isfinite(tau):
+            ratio = tau / self.tau_ref
+            if ratio > self.tau_jump or ratio < 1.0 / self.tau_jump:
+                return True, "tau_jump"
+        elif tau is not None and not math.isfinite(tau):
+            return True, "nonfinite"
+        if r_estimate >= self.r_alert or math.isnan(r_estimate):
+            return True, "r_alert"
+        if cosine is not None and cosine < self.min_cosine:
+            return True, "direction"
+        return False, "estimate"
+
+    def measured(self, tau: float) -> None:
+        self.since = 0
+        self.tau_ref = tau
+
+    def skipped(self) -> None:
+        self.since += 1
+
+    def set_costs(self, *, measure: float, idle: float | None, period: float | None) -> None:
+        """Set the interval from the costs (seconds): N = ⌈c_m / (budget·T − c_0)⌉."""
+        self.measure_cost, self.idle_cost, self.step_period = measure, idle, period
+        if self.budget is None or period is None or not math.isfinite(period):
+            return
+        room = self.budget * period - (idle or 0.0)
+        if room <= 0:
+            self.interval = self.max_interval
+        else:
+            self.interval = max(1, min(self.max_interval, math.ceil(measure / room)))
+
+    def state_dict(self) -> dict[str, float | int | None]:
+        return {
+            "interval": self.interval,
+            "since": self.since,
+            "tau_ref": self.tau_ref,
+            "measure_cost": self.measure_cost,
+            "idle_cost": self.idle_cost,
+            "step_period": self.step_period,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            if key in self.state_dict():
+                setattr(self, key, value)

@@ -1,0 +1,106 @@
+"""Sparse and budgeted measurement: estimates between JVPs, and spikes caught on their step."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stepguard import GuardConfig, StepGuard
+from stepguard.schedule import MeasurementSchedule
+
+
+def test_schedule_triggers() -> None:
+    s = MeasurementSchedule(every=8)
+    assert s.due(1.0, None, None) == (True, "first")
+    s.measured(tau=1.0)
+    assert s.due(1.2, 0.1, 0.99) == (False, "estimate")
+    assert s.due(1.6, 0.1, 0.99) == (True, "tau_jump")
+    assert s.due(0.6, 0.1, 0.99) == (True, "tau_jump")
+    assert s.due(1.0, 0.6, 0.99) == (True, "r_alert")
+    assert s.due(1.0, 0.1, 0.2) == (True, "direction")
+    assert s.due(math.inf, 0.1, 0.99) == (True, "nonfinite")
+    for _ in range(7):
+        s.skipped()
+    assert s.due(1.0, 0.1, 0.99) == (True, "schedule")
+
+
+def test_budget_interval_from_costs() -> None:
+    s = MeasurementSchedule(budget=0.1)
+    s.set_costs(measure=0.004, idle=0.0002, period=0.01)
+    # room = 0.1·0.01 − 0.0002 = 0.0008 → N = ⌈0.004/0.0008⌉ = 5
+    assert s.interval == 5
+    s.set_costs(measure=0.004, idle=0.002, period=0.01)
+    assert s.interval == s.max_interval
+    with pytest.raises(ValueError, match="budget"):
+        MeasurementSchedule(budget=1.5)
+
+
+def train(guard: StepGuard, net: nn.Module, steps: int, lr_at, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(256, 10, generator=gen)
+    y = (x[:, :4].argmax(1) + (x[:, 4] > 0)).clamp(max=4)
+    reports = []
+    for step in range(steps):
+        for g in guard.param_groups:
+            g["lr"] = lr_at(step)
+        idx = torch.randint(0, 256, (32,), generator=gen)
+        guard.zero_grad()
+        F.cross_entropy(net(x[idx]), y[idx]).backward()
+        reports.append(guard.step())
+    return reports
+
+
+def net_() -> nn.Module:
+    return nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 5))
+
+
+def test_sparse_schedule_estimates_r_between_measurements() -> None:
+    torch.manual_seed(0)
+    net = net_()
+    guard = StepGuard(
+        torch.optim.Adam(net.parameters(), lr=1e-3), model=net, config=GuardConfig(measure_every=4)
+    )
+    reports = train(guard, net, 24, lambda s: 1e-3)
+    measured = [r for r in reports if r.measured]
+    estimated = [r for r in reports if not r.measured]
+    assert estimated and len(measured) < len(reports)
+    for r in estimated:
+        assert r.estimator == "estimate"
+        last = max((m for m in measured if m.step < r.step), key=lambda m: m.step)
+        assert r.rho_a == last.rho_a
+        assert r.r == pytest.approx(r.tau / last.rho_a, rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_budget_mode_catches_every_spike_on_its_step(seed: int) -> None:
+    rng = random.Random(seed)
+    spikes = {rng.randrange(10, 150): rng.choice([10.0, 100.0, 1000.0, 10000.0]) for _ in range(4)}
+    torch.manual_seed(seed)
+    net = net_()
+    guard = StepGuard(torch.optim.Adam(net.parameters(), lr=1e-4), model=net, policy="clip", budget=0.10)
+    reports = train(guard, net, 160, lambda s: 1e-4 * spikes.get(s, 1.0), seed)
+    for step, factor in spikes.items():
+        report = reports[step]
+        # a single-step spike multiplies τ by the factor: caught and measured afresh on that step
+        assert report.measured, (step, factor, report.reason)
+        if report.r > 1:
+            assert report.action in ("clip", "veto") and report.applied_tau <= report.rho_a * (1 + 1e-9)
+    assert sum(r.measured for r in reports) < len(reports)  # the budget did skip measurements
+    for r in reports:
+        if r.action == "allow":
+            assert r.r <= 1.0 + 1e-9
+
+
+def test_budget_round_trips_through_state_dict() -> None:
+    net = net_()
+    guard = StepGuard(torch.optim.Adam(net.parameters(), lr=1e-3), model=net, budget=0.2)
+    train(guard, net, 12, lambda s: 1e-3)
+    saved = guard.state_dict()["stepguard"]["schedule"]
+    other = StepGuard(torch.optim.Adam(net_().parameters(), lr=1e-3), model=net_(), budget=0.2)
+    other.load_state_dict(guard.state_dict())
+    assert other.engine.schedule.state_dict() == saved
