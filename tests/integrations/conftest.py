@@ -242,7 +242,9 @@ def helpers() -> SimpleNamespace:
         free_port=free_port, poll=poll, http_get=http_get, http_json=http_json,
         make_report=make_report, in_ci=in_ci, repo_root=REPO_ROOT,
         start_tensorboard=start_tensorboard, dashboard_queries=dashboard_queries,
-        grafana_schema=GRAFANA_SCHEMA,
+        grafana_schema=GRAFANA_SCHEMA, start_prometheus=start_prometheus,
+        start_pushgateway=start_pushgateway, prom_query=prom_query, prom_value=prom_value,
+        tiny_guarded_run=tiny_guarded_run,
     )
 
 
@@ -385,3 +387,125 @@ def start_tensorboard(processes: Processes, log_dir: Path, expect_runs: Sequence
 
     poll(ready, timeout=30, what=f"tensorboard to list runs {list(expect_runs)}")
     return base
+
+
+def start_prometheus(
+    processes: Processes,
+    work_dir: Path,
+    jobs: Mapping[str, Sequence[str]],
+    *,
+    rule_files: Sequence[Path] = (),
+    honor_labels: Sequence[str] = (),
+) -> str:
+    """Start a Prometheus server on 127.0.0.1 scraping ``jobs`` every second.
+
+    Args:
+        processes: owner of the process (stops it at teardown).
+        work_dir: where the config and the TSDB go.
+        jobs: job name → ``host:port`` targets (loopback).
+        rule_files: rule files to load (evaluated every second).
+        honor_labels: jobs that keep the scraped ``job``/``instance`` labels (Pushgateway).
+
+    Returns:
+        The server's base URL, once ``/-/ready`` answers.
+    """
+    port = free_port()
+    for targets in jobs.values():
+        assert all(t.startswith(f"{LOOPBACK}:") for t in targets), targets
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
+        "rule_files": [str(p) for p in rule_files],
+        "scrape_configs": [
+            {"job_name": job, "honor_labels": job in honor_labels,
+             "static_configs": [{"targets": list(targets)}]}
+            for job, targets in jobs.items()
+        ],
+    }
+    work_dir.mkdir(parents=True, exist_ok=True)
+    config_path = work_dir / "prometheus.yml"
+    config_path.write_text(json.dumps(config, indent=2))  # JSON is YAML
+    name = f"prometheus-{port}"
+    proc = processes.start(name, [
+        "prometheus", f"--config.file={config_path}", f"--storage.tsdb.path={work_dir / 'tsdb'}",
+        f"--web.listen-address={LOOPBACK}:{port}", "--log.level=warn",
+    ])
+    base = f"http://{LOOPBACK}:{port}"
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            pytest.fail(f"prometheus exited with {proc.returncode}:\n{processes.log(name)}")
+        return http_get(f"{base}/-/ready", timeout=2) is not None
+
+    poll(ready, timeout=20, what="prometheus to be ready")
+    return base
+
+
+def start_pushgateway(processes: Processes, port: int | None = None) -> tuple[str, Any]:
+    """Start a Pushgateway on 127.0.0.1 (no persistence file).
+
+    Returns:
+        ``("127.0.0.1:<port>", process)`` once it is ready.
+    """
+    port = port or free_port()
+    address = f"{LOOPBACK}:{port}"
+    name = f"pushgateway-{port}"
+    proc = processes.start(name, ["prometheus-pushgateway", f"--web.listen-address={address}",
+                                  "--persistence.file=", "--log.level=warn"])
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            pytest.fail(f"pushgateway exited with {proc.returncode}:\n{processes.log(name)}")
+        return http_get(f"http://{address}/-/ready", timeout=2) is not None
+
+    poll(ready, timeout=20, what="the pushgateway to be ready")
+    return address, proc
+
+
+def prom_query(base: str, promql: str) -> list[dict[str, Any]]:
+    """Run an instant PromQL query; returns the result vector."""
+    reply = http_json(f"{base}/api/v1/query", {"query": promql})
+    assert reply["status"] == "success", reply
+    return list(reply["data"]["result"])
+
+
+def prom_value(base: str, promql: str) -> float | None:
+    """The value of a query that selects at most one series (``None`` when it selects none)."""
+    result = prom_query(base, promql)
+    assert len(result) <= 1, f"{promql} selected {len(result)} series"
+    return float(result[0]["value"][1]) if result else None
+
+
+def tiny_guarded_run(
+    steps: int, sinks: Sequence[Any], *, spike_at: int | None = None, policy: str = "clip",
+    config: Any = None, before_step: Callable[[int], None] | None = None,
+) -> tuple[Any, list[Any]]:
+    """Train a small MLP on random data under a StepGuard; the LR jumps 10,000x at ``spike_at``.
+
+    ``before_step(step)`` runs before each step (to break a sink's server mid-training).
+
+    Returns:
+        The guard (still open: closing it closes the sinks) and the report of every step.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from stepguard import StepGuard
+
+    generator = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    x = torch.randn(32, 8, generator=generator)
+    y = torch.randint(0, 4, (32,), generator=generator)
+    guard = StepGuard(torch.optim.SGD(model.parameters(), lr=0.05), model=model, policy=policy,
+                      sinks=sinks, config=config)
+    reports = []
+    for step in range(steps):
+        if before_step is not None:
+            before_step(step)
+        if step == spike_at:
+            for group in guard.param_groups:
+                group["lr"] *= 10_000
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        reports.append(guard.step(targets=y, loss=loss))
+        guard.zero_grad()
+    return guard, reports
