@@ -10,8 +10,27 @@ from torch import nn
 from stepguard.geometry.jvp import Batch, is_replaying
 
 
+def _is_sharded(model: nn.Module) -> bool:
+    names = {cls.__name__ for cls in type(model).__mro__}
+    return bool(names & {"FullyShardedDataParallel", "FSDPModule"}) or any(
+        type(m).__name__.startswith("FSDP") for m in model.modules()
+    )
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module that holds the parameters: strips DDP/DataParallel and ``torch.compile`` wrappers."""
+    """The module that holds the parameters: strips DDP/DataParallel and ``torch.compile`` wrappers.
+
+    Raises:
+        NotImplementedError: for FSDP-sharded models, whose ranks hold only shards of the
+            parameters while the replay needs them whole.
+    """
+    if _is_sharded(model):
+        raise NotImplementedError(
+            "StepGuard does not guard FSDP-sharded models: its JVP replays the forward with "
+            "whole parameters on each rank. Use DistributedDataParallel (supported: every rank "
+            "measures its shard of the batch and the guard reduces before deciding), or "
+            "measure a gathered copy with stepguard.radius()."
+        )
     seen = 0
     while seen < 8:
         seen += 1

@@ -430,3 +430,14 @@ def test_a_halting_decision_commits_reports_then_raises() -> None:
         assert torch.equal(p.detach(), p0)
     assert guard.engine.rule_counters == {"halt_rule": 1}
     assert guard.state_dict()["stepguard"]["rule_counters"] == {"halt_rule": 1}
+
+
+def test_fsdp_models_are_refused_with_a_clear_message() -> None:
+    class FSDPModule(nn.Module):  # stands in for torch's sharded wrapper (same class name)
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = make_net()
+
+    model = FSDPModule()
+    with pytest.raises(NotImplementedError, match="FSDP"):
+        StepGuard(torch.optim.SGD(model.parameters(), lr=0.1), model=model)

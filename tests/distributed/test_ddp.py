@@ -1,0 +1,98 @@
+"""Two real processes under DistributedDataParallel (gloo, loopback): every rank measures its
+own shard, the guard reduces before deciding, and decisions and parameters stay identical."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+WORLD = 2
+STEPS = 12
+SPIKE_AT = 6
+
+
+def _worker(rank: int, store: str, out: str, policy: str, budget: float | None) -> None:
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch import nn
+
+    from stepguard import StepGuard
+
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(0)  # same initial model on both ranks
+        net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+        ddp = nn.parallel.DistributedDataParallel(net)
+        guard = StepGuard(
+            torch.optim.Adam(ddp.parameters(), lr=1e-3), model=ddp, policy=policy, budget=budget
+        )
+        gen = torch.Generator().manual_seed(100 + rank)  # different data on each rank
+        reports = []
+        for step in range(STEPS):
+            for g in guard.param_groups:
+                g["lr"] = 1e-3 * (1000.0 if step >= SPIKE_AT else 1.0)
+            x = torch.randn(16, 8, generator=gen) * (1 + rank)
+            y = torch.randint(0, 4, (16,), generator=gen)
+            guard.zero_grad()
+            F.cross_entropy(ddp(x), y).backward()
+            r = guard.step()
+            reports.append(
+                (
+                    r.step,
+                    r.tau,
+                    r.rho_a,
+                    r.r,
+                    r.delta_a,
+                    r.action,
+                    r.scale,
+                    r.measured,
+                    r.spread.count,
+                    r.world_size,
+                )
+            )
+        flat = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+        torch.save({"reports": reports, "params": flat}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(tmp_path: Path, policy: str, budget: float | None) -> list[dict]:
+    ctx = mp.get_context("spawn")
+    procs = [
+        ctx.Process(target=_worker, args=(rank, str(tmp_path / "store"), str(tmp_path), policy, budget))
+        for rank in range(WORLD)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    codes = [p.exitcode for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert codes == [0] * WORLD, f"worker exit codes {codes}"
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+@pytest.mark.parametrize(("policy", "budget"), [("clip", None), ("clip", 0.1)])
+def test_ranks_take_identical_decisions_and_keep_identical_parameters(
+    tmp_path: Path, policy: str, budget
+) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    rank0, rank1 = _run(tmp_path, policy, budget)
+    assert rank0["reports"] == rank1["reports"]  # every measured number and decision, bit for bit
+    assert torch.equal(rank0["params"], rank1["params"])
+    actions = [r[5] for r in rank0["reports"]]
+    assert "clip" in actions[SPIKE_AT:]
+    assert all(r[9] == WORLD for r in rank0["reports"])
+    counts = [r[8] for r in rank0["reports"] if r[7]]
+    assert all(c == 32 for c in counts)  # Δ_a over both shards: 16 rows per rank
