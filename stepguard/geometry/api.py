@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from stepguard.geometry.directions import Direction, align_direction, normalize
-from stepguard.geometry.formulas import binary_radius, logit_spread, rho_from_spread, top2_radius
+from stepguard.geometry.formulas import binary_radius, logit_spread, top2_radius
 from stepguard.geometry.jvp import Batch, EstimatorChoice, Mode, logit_velocities
 from stepguard.geometry.logits import LogitsFn, to_rows
 
@@ -121,14 +121,13 @@ def _result(
     if temperature != 1.0:
         z, a = z / temperature, a / temperature
     spread = logit_spread(a)
-    delta = spread.max() if spread.numel() else torch.zeros((), dtype=spread.dtype)
-    rho = rho_from_spread(delta)
+    delta = float(spread.max()) if spread.numel() else 0.0
     rho_binary = None
     if z.shape[-1] <= 2 and z.shape[0] > 0:
         rho_binary = float(binary_radius(z, a).min())
     return RadiusResult(
-        rho_a=float(rho),
-        delta_a=float(delta),
+        rho_a=math.pi / delta if delta > 0 else (math.inf if delta == 0 else math.nan),
+        delta_a=delta,
         spread=spread,
         rho_binary=rho_binary,
         top2=top2_radius(z, a, y) if z.shape[0] else spread,

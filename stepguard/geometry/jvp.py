@@ -53,6 +53,8 @@ class Batch:
         rng_state: the CPU generator state before the forward (``None``: don't restore).
         device_rng_states: accelerator generator states by device index.
         training: whether the model was in train mode.
+        autocast: autocast dtypes by device type that were active during the forward
+            (the replay runs under the same autocast, so logits keep their training dtype).
     """
 
     args: tuple[Any, ...]
@@ -60,6 +62,7 @@ class Batch:
     rng_state: Tensor | None = None
     device_rng_states: dict[int, Tensor] = field(default_factory=dict)
     training: bool = True
+    autocast: dict[str, torch.dtype] = field(default_factory=dict)
 
     @classmethod
     def from_inputs(cls, inputs: Any, *, training: bool = True) -> Batch:
@@ -92,6 +95,7 @@ class Batch:
             rng_state=torch.get_rng_state(),
             device_rng_states=states,
             training=module.training,
+            autocast=_autocast_state(),
         )
 
 
@@ -99,6 +103,21 @@ def _tensors(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Iterator[Tenso
     for value in (*args, *kwargs.values()):
         if isinstance(value, Tensor):
             yield value
+
+
+def _autocast_state() -> dict[str, torch.dtype]:
+    """The autocast dtypes in force, by device type."""
+    state: dict[str, torch.dtype] = {}
+    for device in ("cpu", "cuda"):
+        try:
+            if torch.is_autocast_enabled(device):
+                state[device] = torch.get_autocast_dtype(device)
+        except (TypeError, AttributeError):  # torch < 2.4 has per-device functions
+            if device == "cpu" and torch.is_autocast_cpu_enabled():
+                state[device] = torch.get_autocast_cpu_dtype()
+            elif device == "cuda" and torch.is_autocast_enabled():
+                state[device] = torch.get_autocast_gpu_dtype()
+    return state
 
 
 @contextlib.contextmanager
@@ -115,7 +134,10 @@ def replay_context(model: nn.Module, batch: Batch, mode: Mode) -> Iterator[None]
     devices = list(batch.device_rng_states)
     token = _replaying.set(True)
     try:
-        with torch.random.fork_rng(devices=devices, enabled=batch.rng_state is not None):
+        with contextlib.ExitStack() as stack:
+            for device, dtype in batch.autocast.items():
+                stack.enter_context(torch.autocast(device, dtype=dtype))
+            stack.enter_context(torch.random.fork_rng(devices=devices, enabled=batch.rng_state is not None))
             if batch.rng_state is not None:
                 torch.set_rng_state(batch.rng_state)
                 for index, state in batch.device_rng_states.items():
