@@ -231,3 +231,27 @@ def test_a_full_disk_is_isolated_counted_and_logged_once(
     failed = [r for r in caplog.records if "failed" in r.getMessage()]
     assert len(failed) == 1 and "No space left on device" in failed[0].getMessage()
     sink.close()
+
+
+def test_a_guarded_training_loop_round_trips(tmp_path: Path, helpers: Any) -> None:
+    sink = TensorBoardSink(tmp_path / "guarded")
+    guard, reports = helpers.tiny_guarded_run(8, [sink], spike_at=5, policy="clip")
+    guard.close()  # closes (and flushes) the sink
+    assert guard.engine.sinks.failures["tensorboard"] == 0
+    acc = load(tmp_path / "guarded")
+    for key in ("r", "rho_a", "tau", "delta_a", "applied_tau", "loss", "lr", "sc_fraction",
+                "spread.max"):
+        events = acc.Scalars(f"stepguard/{key}")
+        assert [e.step for e in events] == [r.step for r in reports], key
+        assert [e.value for e in events] == [f32(r.scalars()[key]) for r in reports], key
+    clipped = [r.step for r in reports if r.action == "clip"]
+    assert clipped, "the LR spike should have been clipped"
+    texts = acc.Tensors(f"{DECISION_TAG}/text_summary")
+    assert [t.step for t in texts] == clipped
+    assert [e.value for e in acc.Scalars(action_tag("clip"))][-1] == len(clipped)
+    with_values = [r for r in reports if r.spread.values]
+    histograms = acc.Histograms(SPREAD_HISTOGRAM_TAG)
+    assert [h.step for h in histograms] == [r.step for r in with_values]
+    for event, rep in zip(histograms, with_values, strict=True):
+        assert event.histogram_value.num == len(rep.spread.values)
+        assert event.histogram_value.max == max(rep.spread.values)
