@@ -1,111 +1,194 @@
-"""The preset policies: ``monitor``, ``clip`` (the paper's τ ≤ c·ρ_a) and ``veto``."""
+"""The preset policies, each an instance of the rule engine: ``monitor``, ``clip``, ``veto`` and ``safe``.
+
+The theory behind each is in ``docs/policies.md``; in short:
+
+* ``monitor`` measures and never changes a step.
+* ``clip`` is the radius controller of "Ghosts of Softmax" (arXiv 2603.13552, §5):
+  the softmax cross-entropy's Taylor expansion along the step direction converges within
+  ρ_a = π/Δ_a, and models did not fail for r = τ/ρ_a < 1, so the applied step is
+  θ₀ + min(1, c/r)·Δθ.
+* ``veto`` skips steps with r > c instead of shortening them.
+* ``safe`` is for production: clip on r, skip non-finite steps and loss spikes, and halt
+  when vetoes keep coming.
+"""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+from stepguard.policy.actions import Clip, Veto
 from stepguard.policy.base import Policy
-from stepguard.report import Decision, StepReport
+from stepguard.policy.conditions import NonFinite, Spike, Threshold
+from stepguard.policy.config import SUFFIXES
+from stepguard.policy.rule_policy import RulePolicy
+from stepguard.policy.rules import Rule
 
 
-def _nonfinite(report: StepReport) -> Decision | None:
-    if not math.isfinite(report.tau):
-        return Decision("veto", 0.0, f"non-finite update: tau={report.tau}", "nonfinite")
-    if math.isnan(report.r) or math.isnan(report.rho_a):
-        return Decision(
-            "veto", 0.0, f"non-finite measurement: r={report.r}, rho_a={report.rho_a}", "nonfinite"
-        )
-    return None
+def _nonfinite() -> Rule:
+    return Rule(name="nonfinite", condition=NonFinite(), action=Veto())
 
 
-class MonitorPolicy(Policy):
-    """Measure and report; never change a step."""
+class MonitorPolicy(RulePolicy):
+    """Measure and report; never change a step (a policy with no rules)."""
 
-    name = "monitor"
-    may_veto = False
+    def __init__(self) -> None:
+        super().__init__((), name="monitor")
 
-    def decide(self, report: StepReport) -> Decision:
-        return Decision("allow", 1.0, "monitor only", None)
+    def __repr__(self) -> str:
+        return "MonitorPolicy()"
 
 
-class ClipPolicy(Policy):
+class ClipPolicy(RulePolicy):
     """The radius controller: apply θ₀ + (c·ρ_a/τ)·Δθ whenever τ > c·ρ_a ("Ghosts of Softmax", §5).
 
     The scale c·ρ_a/τ = c/r makes the applied step exactly c·ρ_a long, so its normalized
     step is c. The optimizer state (Adam's moments, momentum) keeps its usual update; only
     the applied step shrinks. A non-finite update or measurement is vetoed.
 
+    Rules: ``nonfinite`` (veto), ``clip_r`` (r > c → clip to r = c).
+
     Args:
         target_r: c, the normalized step to clip to (1 is the radius itself; 0.5 is the
             paper's "definitively safe" start).
     """
 
-    name = "clip"
-
     def __init__(self, target_r: float = 1.0) -> None:
         if not (target_r > 0 and math.isfinite(target_r)):
             raise ValueError(f"target_r must be a positive finite number, got {target_r}")
         self.target_r = float(target_r)
-
-    def decide(self, report: StepReport) -> Decision:
-        bad = _nonfinite(report)
-        if bad is not None:
-            return bad
-        if report.r > self.target_r:
-            scale = self.target_r / report.r
-            return Decision(
-                "clip",
-                scale,
-                f"r={report.r:.4g} > {self.target_r:g}: step scaled by {scale:.4g} to r={self.target_r:g}",
-                "clip_r",
-            )
-        return Decision("allow", 1.0, f"r={report.r:.4g} <= {self.target_r:g}", None)
+        super().__init__(
+            [
+                _nonfinite(),
+                Rule(
+                    name="clip_r",
+                    condition=Threshold(field="r", op=">", value=self.target_r),
+                    action=Clip(target=self.target_r),
+                ),
+            ],
+            name="clip",
+        )
 
     def __repr__(self) -> str:
         return f"ClipPolicy(target_r={self.target_r})"
 
 
-class VetoPolicy(Policy):
+class VetoPolicy(RulePolicy):
     """Skip any step whose normalized step r exceeds ``max_r`` (and any non-finite one).
 
     A vetoed step leaves the parameters and the optimizer state exactly as they were
     before it.
 
+    Rules: ``nonfinite`` (veto), ``veto_r`` (r > max_r → veto).
+
     Args:
         max_r: the largest r that is still applied.
     """
-
-    name = "veto"
 
     def __init__(self, max_r: float = 1.0) -> None:
         if not (max_r > 0):
             raise ValueError(f"max_r must be positive, got {max_r}")
         self.max_r = float(max_r)
-
-    def decide(self, report: StepReport) -> Decision:
-        bad = _nonfinite(report)
-        if bad is not None:
-            return bad
-        if report.r > self.max_r:
-            return Decision("veto", 0.0, f"r={report.r:.4g} > {self.max_r:g}: step skipped", "veto_r")
-        return Decision("allow", 1.0, f"r={report.r:.4g} <= {self.max_r:g}", None)
+        super().__init__(
+            [
+                _nonfinite(),
+                Rule(name="veto_r", condition=Threshold(field="r", op=">", value=self.max_r), action=Veto()),
+            ],
+            name="veto",
+        )
 
     def __repr__(self) -> str:
         return f"VetoPolicy(max_r={self.max_r})"
 
 
-PRESETS = {"monitor": MonitorPolicy, "clip": ClipPolicy, "veto": VetoPolicy}
+class SafePolicy(RulePolicy):
+    """For production: clip on r, skip non-finite steps and loss spikes, halt on repeated vetoes.
+
+    Rules, in order:
+
+    * ``nonfinite``: a NaN/inf update, measurement, loss or gradient norm → veto.
+    * ``loss_spike``: the step's loss is more than ``spike_z`` standard deviations above
+      its mean over the last ``spike_window`` steps (after ``spike_warmup`` steps) → veto.
+      This is PaLM's remedy for loss spikes (skip the batches that cause them), applied
+      online. It needs the loss in the report (a closure, ``guard.step(loss=…)`` or
+      ``guard.observe(loss=…)``); without it the rule never fires.
+    * ``clip_r``: r > ``target_r`` → clip to r = ``target_r`` (the radius controller).
+
+    ``max_consecutive_vetoes`` vetoes in a row halt training: a run whose steps are all
+    being skipped is not training, and a person should look.
+
+    Args:
+        target_r: c of the radius controller.
+        spike_z: the z-score of a loss spike.
+        spike_window: the window of the loss statistics.
+        spike_warmup: steps of loss history before spikes are judged.
+        max_consecutive_vetoes: vetoes in a row that halt training.
+    """
+
+    def __init__(
+        self,
+        target_r: float = 1.0,
+        spike_z: float = 6.0,
+        spike_window: int = 100,
+        spike_warmup: int = 20,
+        max_consecutive_vetoes: int = 5,
+    ) -> None:
+        if not (target_r > 0 and math.isfinite(target_r)):
+            raise ValueError(f"target_r must be a positive finite number, got {target_r}")
+        self.target_r = float(target_r)
+        super().__init__(
+            [
+                _nonfinite(),
+                Rule(
+                    name="loss_spike",
+                    condition=Spike(field="loss", z=spike_z, window=spike_window, warmup=spike_warmup),
+                    action=Veto(),
+                ),
+                Rule(
+                    name="clip_r",
+                    condition=Threshold(field="r", op=">", value=self.target_r),
+                    action=Clip(target=self.target_r),
+                ),
+            ],
+            name="safe",
+            max_consecutive_vetoes=max_consecutive_vetoes,
+        )
+
+    def __repr__(self) -> str:
+        return f"SafePolicy(target_r={self.target_r})"
 
 
-def resolve_policy(policy: str | Policy) -> Policy:
-    """A :class:`Policy` from a preset name (``"monitor"``, ``"clip"``, ``"veto"``) or as is."""
+PRESETS: dict[str, type[RulePolicy]] = {
+    "monitor": MonitorPolicy,
+    "clip": ClipPolicy,
+    "veto": VetoPolicy,
+    "safe": SafePolicy,
+}
+
+
+def resolve_policy(policy: str | Path | Policy) -> Policy:
+    """A :class:`Policy` from a preset name, a policy file, or as is.
+
+    Args:
+        policy: ``"monitor"``, ``"clip"``, ``"veto"``, ``"safe"``; a path ending in
+            ``.yaml``, ``.yml``, ``.json`` or ``.toml``; or a :class:`Policy`.
+
+    Returns:
+        The policy (a new instance for a name or a file).
+
+    Raises:
+        ValueError: an unknown name, or an invalid policy file.
+        TypeError: anything else.
+    """
     if isinstance(policy, Policy):
         return policy
-    if isinstance(policy, str):
-        try:
-            return PRESETS[policy]()
-        except KeyError:
-            raise ValueError(
-                f"unknown policy {policy!r}; use one of {sorted(PRESETS)} or a Policy instance"
-            ) from None
+    if isinstance(policy, (str, Path)):
+        if str(policy) in PRESETS:
+            return PRESETS[str(policy)]()
+        if Path(policy).suffix.lower() in SUFFIXES:
+            return Policy.from_file(policy)
+        raise ValueError(
+            f"unknown policy {str(policy)!r}; use one of {sorted(PRESETS)}, a policy file "
+            f"({', '.join(SUFFIXES)}) or a Policy instance"
+        )
     raise TypeError(f"policy must be a preset name or a Policy, got {type(policy).__name__}")
