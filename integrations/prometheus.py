@@ -148,7 +148,11 @@ class PrometheusSink:
         if pushgateway is None:
             if port and per_rank:
                 port += self.local_rank
-            self._server = MetricsServer(client.make_wsgi_app(self.registry), addr, port)
+            try:
+                self._server = MetricsServer(client.make_wsgi_app(self.registry), addr, port)
+            except OSError:
+                self.registry.unregister(self.collector)
+                raise
             logger.info("stepguard metrics at %s", self._server.url)
 
     @property
