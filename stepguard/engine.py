@@ -57,6 +57,29 @@ class HaltTraining(RuntimeError):
         )
 
 
+class LossHead(nn.Module):
+    """The model followed by a loss's ``radius_logits``: the function whose radius is measured.
+
+    A loss such as ArcFace owns parameters (the class centres) and builds the logits its
+    softmax acts on from the model output and the targets; measuring the radius on the
+    model output alone would miss both. The head's parameters are the model's
+    (``model.*``) and the loss's (``loss.*``).
+    """
+
+    def __init__(self, model: nn.Module, loss: nn.Module, logits_fn: LogitsFn | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.loss = loss
+        self.logits_fn = logits_fn
+        self.targets: Tensor | None = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        output = self.model(*args, **kwargs)
+        if self.logits_fn is not None:
+            output = self.logits_fn(output)
+        return self.loss.radius_logits(output, self.targets)
+
+
 class GuardEngine:
     """Snapshot, measure, decide and commit one optimizer step.
 
@@ -79,6 +102,7 @@ class GuardEngine:
         sinks: Iterable[Sink] = (),
         config: GuardConfig | None = None,
         logits_fn: LogitsFn | None = None,
+        loss: nn.Module | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -99,6 +123,14 @@ class GuardEngine:
         if model is not None:
             self.model = unwrap_model(model)
             self.capture = ForwardCapture(self.model)
+        if loss is not None and not isinstance(loss, nn.Module):
+            raise TypeError(
+                f"loss must be an nn.Module (e.g. from stepguard.losses), got {type(loss).__name__}"
+            )
+        self.loss = loss
+        self._head: LossHead | None = None
+        if loss is not None and self.model is not None and getattr(loss, "has_radius_logits", False):
+            self._head = LossHead(self.model, loss, logits_fn)
         self.step_count = 0
         self.counters: dict[str, int] = dict.fromkeys(ACTIONS, 0)
         self.rule_counters: dict[str, int] = {}
@@ -225,6 +257,9 @@ class GuardEngine:
                 tensors[f"entanglement.{name}"] = value
         if isinstance(loss, Tensor) and loss.numel() == 1:
             tensors["loss"] = loss.detach().reshape(())
+        components = getattr(self.loss, "components", None) or {}
+        for name, value in components.items():
+            tensors[f"extras.loss.{name}"] = value.detach().reshape(-1)[:1].reshape(())
 
         t = time.perf_counter()
         if self._distributed:
@@ -234,6 +269,8 @@ class GuardEngine:
             else:
                 # no collective on an estimated step: keep only what every rank shares
                 tensors.pop("loss", None)
+                for name in [n for n in tensors if n.startswith("extras.")]:
+                    tensors.pop(name)
                 for name in entangled:
                     tensors.pop(f"entanglement.{name}")
                 entangled = []
@@ -241,7 +278,8 @@ class GuardEngine:
         timings["reduce_sync"] = time.perf_counter() - t
 
         report = self._proposal(values, estimator, measure, loss if not self._distributed else None)
-        report = dataclasses.replace(report, rank=self._rank, world_size=self._world)
+        extras = {n[len("extras.") :]: v for n, v in values.items() if n.startswith("extras.")}
+        report = dataclasses.replace(report, rank=self._rank, world_size=self._world, extras=extras)
         if entangled:
             report = dataclasses.replace(
                 report, entanglement={n: values[f"entanglement.{n}"] for n in entangled}
@@ -389,17 +427,22 @@ class GuardEngine:
                 "(or attach(optimizer, net))"
             )
         batch = self._batch(observed)
+        measured: nn.Module = self.model
+        logits_fn = self.logits_fn
+        if self._head is not None:
+            self._head.targets = observed.get("targets")
+            measured, logits_fn = self._head, None
         index = {id(p): i for i, p in enumerate(params)}
         primals: dict[str, Tensor] = {}
         update: dict[str, Tensor] = {}
-        for name, p in self.model.named_parameters():
+        for name, p in measured.named_parameters():
             if not p.requires_grad:
                 continue
             i = index.get(id(p))
             primals[name] = p.detach() if i is None else theta0[i]
             update[name] = torch.zeros_like(p) if i is None else delta[i]
         used, scalars, vectors = measure_update(
-            self.model,
+            measured,
             primals,
             update,
             tau,
@@ -407,7 +450,7 @@ class GuardEngine:
             config=self.config,
             targets=observed.get("targets"),
             mask=observed.get("mask"),
-            logits_fn=self.logits_fn,
+            logits_fn=logits_fn,
             estimator=self._estimator,
         )
         if self._estimator == "auto" and used == "finite_difference":

@@ -45,6 +45,11 @@ class StepGuard(torch.optim.Optimizer):
             (shorthand for ``GuardConfig(budget=...)``).
         logits_fn: picks the logits from the model output when it is not a tensor,
             ``.logits`` or ``{"logits": …}``.
+        loss: a loss from :mod:`stepguard.losses` (any module with ``radius_logits`` and
+            ``components``): the radius is measured on the logits its softmax acts on
+            (e.g. ArcFace's scaled cosines, its class centres included in the JVP), and its
+            named components go into ``report.extras`` as ``loss.<name>``. Pass targets
+            with ``step(targets=...)`` when the loss's logits depend on them.
 
     Example:
         >>> guard = StepGuard(torch.optim.Adam(net.parameters()), model=net, policy="clip")
@@ -63,6 +68,7 @@ class StepGuard(torch.optim.Optimizer):
         *,
         budget: float | None = None,
         logits_fn: LogitsFn | None = None,
+        loss: nn.Module | None = None,
     ) -> None:
         if isinstance(optimizer, StepGuard):
             raise TypeError("this optimizer is already a StepGuard; wrap the inner optimizer once")
@@ -79,7 +85,7 @@ class StepGuard(torch.optim.Optimizer):
         self._zero_grad_profile_name = "Optimizer.zero_grad#StepGuard.zero_grad"
         if budget is not None:
             config = GuardConfig.model_validate((config or GuardConfig()).model_dump() | {"budget": budget})
-        self.engine = GuardEngine(optimizer, model, policy, sinks, config, logits_fn)
+        self.engine = GuardEngine(optimizer, model, policy, sinks, config, logits_fn, loss)
 
     # The inner optimizer owns the parameters and their state; the guard only points at them.
     @property  # type: ignore[override]

@@ -80,6 +80,7 @@ def attach(
     *,
     budget: float | None = None,
     logits_fn: LogitsFn | None = None,
+    loss: nn.Module | None = None,
 ) -> GuardHandle:
     """Guard an optimizer that a framework owns, through its step pre/post hooks.
 
@@ -91,4 +92,4 @@ def attach(
         raise TypeError(f"attach() needs the model as an nn.Module, got {type(model).__name__}")
     if budget is not None:
         config = GuardConfig.model_validate((config or GuardConfig()).model_dump() | {"budget": budget})
-    return GuardHandle(optimizer, GuardEngine(optimizer, model, policy, sinks, config, logits_fn))
+    return GuardHandle(optimizer, GuardEngine(optimizer, model, policy, sinks, config, logits_fn, loss))
