@@ -47,9 +47,7 @@ class StepGuardCollector:
         buckets: Sequence[float] = naming.R_BUCKETS,
         version: str = "",
     ) -> None:
-        bounds = sorted(float(b) for b in buckets)
-        if any(not math.isfinite(b) for b in bounds):
-            bounds = [b for b in bounds if math.isfinite(b)]
+        bounds = sorted(float(b) for b in buckets if math.isfinite(float(b)))
         self._bounds: list[float] = [*bounds, math.inf]
         self._labels = dict(labels)
         self._r_limit = float(r_limit)
