@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -55,6 +55,10 @@ class HaltTraining(RuntimeError):
         super().__init__(
             f"StepGuard halted training at step {report.step}: {report.reason} (rule {report.rule})"
         )
+
+
+RowsFn = Callable[[tuple[Any, ...], dict[str, Any]], Mapping[str, "Tensor | None"]]
+"""``rows_fn(args, kwargs) -> {"targets": ..., "mask": ...}``: the rows that count, from a forward."""
 
 
 class LossHead(nn.Module):
@@ -103,6 +107,7 @@ class GuardEngine:
         config: GuardConfig | None = None,
         logits_fn: LogitsFn | None = None,
         loss: nn.Module | None = None,
+        rows_fn: RowsFn | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -128,6 +133,7 @@ class GuardEngine:
                 f"loss must be an nn.Module (e.g. from stepguard.losses), got {type(loss).__name__}"
             )
         self.loss = loss
+        self.rows_fn = rows_fn
         self._head: LossHead | None = None
         if loss is not None and self.model is not None and getattr(loss, "has_radius_logits", False):
             self._head = LossHead(self.model, loss, logits_fn)
@@ -427,6 +433,9 @@ class GuardEngine:
                 "(or attach(optimizer, net))"
             )
         batch = self._batch(observed)
+        if self.rows_fn is not None and "targets" not in observed and "mask" not in observed:
+            rows = self.rows_fn(batch.args, batch.kwargs)
+            observed = {**observed, **{k: v for k, v in rows.items() if v is not None}}
         measured: nn.Module = self.model
         logits_fn = self.logits_fn
         if self._head is not None:

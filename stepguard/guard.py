@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from stepguard.config import GuardConfig
-from stepguard.engine import GuardEngine
+from stepguard.engine import GuardEngine, RowsFn
 from stepguard.geometry.logits import LogitsFn
 from stepguard.policy import Policy
 from stepguard.report import StepReport
@@ -50,6 +50,10 @@ class StepGuard(torch.optim.Optimizer):
             (e.g. ArcFace's scaled cosines, its class centres included in the JVP), and its
             named components go into ``report.extras`` as ``loss.<name>``. Pass targets
             with ``step(targets=...)`` when the loss's logits depend on them.
+        rows_fn: ``rows_fn(args, kwargs) -> {"targets": ..., "mask": ...}`` derives the
+            rows that count from the captured forward's arguments when nothing was passed
+            to ``step``/``observe`` (e.g. :func:`stepguard.rows.causal_lm_rows` for
+            Hugging Face causal LMs called with ``labels=``).
 
     Example:
         >>> guard = StepGuard(torch.optim.Adam(net.parameters()), model=net, policy="clip")
@@ -69,6 +73,7 @@ class StepGuard(torch.optim.Optimizer):
         budget: float | None = None,
         logits_fn: LogitsFn | None = None,
         loss: nn.Module | None = None,
+        rows_fn: RowsFn | None = None,
     ) -> None:
         if isinstance(optimizer, StepGuard):
             raise TypeError("this optimizer is already a StepGuard; wrap the inner optimizer once")
@@ -85,7 +90,7 @@ class StepGuard(torch.optim.Optimizer):
         self._zero_grad_profile_name = "Optimizer.zero_grad#StepGuard.zero_grad"
         if budget is not None:
             config = GuardConfig.model_validate((config or GuardConfig()).model_dump() | {"budget": budget})
-        self.engine = GuardEngine(optimizer, model, policy, sinks, config, logits_fn, loss)
+        self.engine = GuardEngine(optimizer, model, policy, sinks, config, logits_fn, loss, rows_fn)
 
     # The inner optimizer owns the parameters and their state; the guard only points at them.
     @property  # type: ignore[override]

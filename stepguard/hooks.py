@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from stepguard.config import GuardConfig
-from stepguard.engine import GuardEngine
+from stepguard.engine import GuardEngine, RowsFn
 from stepguard.geometry.logits import LogitsFn
 from stepguard.policy import Policy
 from stepguard.report import StepReport
@@ -81,6 +81,7 @@ def attach(
     budget: float | None = None,
     logits_fn: LogitsFn | None = None,
     loss: nn.Module | None = None,
+    rows_fn: RowsFn | None = None,
 ) -> GuardHandle:
     """Guard an optimizer that a framework owns, through its step pre/post hooks.
 
@@ -92,4 +93,6 @@ def attach(
         raise TypeError(f"attach() needs the model as an nn.Module, got {type(model).__name__}")
     if budget is not None:
         config = GuardConfig.model_validate((config or GuardConfig()).model_dump() | {"budget": budget})
-    return GuardHandle(optimizer, GuardEngine(optimizer, model, policy, sinks, config, logits_fn, loss))
+    return GuardHandle(
+        optimizer, GuardEngine(optimizer, model, policy, sinks, config, logits_fn, loss, rows_fn)
+    )
