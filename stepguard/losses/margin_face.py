@@ -283,10 +283,12 @@ class _MarginHeadLoss(GuardedLoss):
         valid = target != self.ignore_index
         safe = torch.where(valid, target, torch.zeros_like(target))
         with torch.no_grad():
-            target_cos = logits.gather(1, safe[:, None]).squeeze(1) / self.s
+            weight = valid.to(logits.dtype)
+            picked = logits.gather(1, safe[:, None]).squeeze(1)
+            target_logit = (picked * weight).sum() / weight.sum().clamp(min=1.0)
         self._record(
             cross_entropy=loss,
-            target_logit_over_s=target_cos,
+            target_logit=target_logit,
             margin=self.last_margins if self.last_margins is not None else torch.tensor(self.m),
         )
         return loss

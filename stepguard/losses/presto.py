@@ -301,7 +301,12 @@ def fit_presto(
     counts = torch.bincount(target, minlength=k_classes).to(torch.float64)
     cum = (counts.cumsum(0)[:-1] / n).clamp(1e-6, 1 - 1e-6)
     theta = torch.cat([torch.logit(cum), torch.zeros(k1 * p, dtype=torch.float64)])
-    weights = torch.cat([torch.zeros(k1), torch.full((k1 * p,), lam * alpha_en)]).double()
+    weights = torch.cat(
+        [
+            torch.zeros(k1, dtype=torch.float64),
+            torch.full((k1 * p,), lam * alpha_en, dtype=torch.float64),
+        ]
+    )
     ridge = lam * (1.0 - alpha_en)
 
     def smooth(t: Tensor) -> Tensor:
