@@ -12,7 +12,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -25,6 +25,7 @@ from stepguard.datasets import Split, digits_split, minibatches
 from stepguard.guard import StepGuard
 from stepguard.policy import Policy
 from stepguard.report import StepReport
+from stepguard.sinks.base import Sink
 from stepguard.sinks.jsonl import JsonlSink
 
 
@@ -106,11 +107,13 @@ def train_run(
     data: Split,
     out_dir: Path | None = None,
     on_step: Callable[[str, int, StepReport, float], None] | None = None,
+    extra_sinks: Sequence[Sink] = (),
 ) -> RunResult:
     """Train the digits MLP once under a guard with ``policy``; returns its per-step history."""
     torch.manual_seed(settings.seed)
     model = digits_mlp()
-    sinks = [JsonlSink(out_dir / f"{name}.jsonl")] if out_dir is not None else []
+    sinks: list[Sink] = [JsonlSink(out_dir / f"{name}.jsonl")] if out_dir is not None else []
+    sinks.extend(extra_sinks)
     guard = StepGuard(
         torch.optim.Adam(model.parameters(), lr=settings.lr), model=model, policy=policy, sinks=sinks
     )
@@ -194,8 +197,17 @@ def format_table(rows: list[dict[str, float | int | str]]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(settings: DemoSettings, *, progress: bool = True, stream: TextIO | None = None) -> dict:
+def run_demo(
+    settings: DemoSettings,
+    *,
+    progress: bool = True,
+    stream: TextIO | None = None,
+    sinks_for: Callable[[str], Sequence[Sink]] | None = None,
+) -> dict:
     """Train plain and guarded, write logs and a summary under ``settings.out``, print a table.
+
+    ``sinks_for(run_name)`` may add sinks (TensorBoard, Prometheus) to the ``"plain"`` and
+    ``"guarded"`` runs.
 
     Returns:
         The summary: settings, one row per run, and the per-step history of both runs.
@@ -204,8 +216,9 @@ def run_demo(settings: DemoSettings, *, progress: bool = True, stream: TextIO | 
     out.mkdir(parents=True, exist_ok=True)
     data = digits_split(settings.seed)
     bar = Progress(2 * settings.steps) if progress else None
-    plain = train_run("plain", settings, "monitor", data, out, bar)
-    guarded = train_run("guarded", settings, settings.policy, data, out, bar)
+    extra = sinks_for or (lambda name: ())
+    plain = train_run("plain", settings, "monitor", data, out, bar, extra("plain"))
+    guarded = train_run("guarded", settings, settings.policy, data, out, bar, extra("guarded"))
     if bar is not None:
         bar.close()
     rows = [plain.summary(settings.spike_at), guarded.summary(settings.spike_at)]
