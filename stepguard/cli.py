@@ -29,6 +29,39 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _policy_check(args: argparse.Namespace) -> int:
+    from stepguard.policy import Policy
+
+    try:
+        policy = Policy.from_file(args.file)
+    except ModuleNotFoundError as exc:
+        print(f"stepguard policy check: error: {exc}", file=sys.stderr)
+        return 2
+    config = policy.config
+    rules = ", ".join(f"{r.name} ({r.action.kind})" for r in config.rules) or "no rules"
+    guard = ""
+    if config.max_consecutive_vetoes is not None:
+        guard = f"; {config.on_max_vetoes} after {config.max_consecutive_vetoes} vetoes in a row"
+    count = len(config.rules)
+    print(f"{args.file}: policy {config.name!r} is valid: {count} rule{'s' * (count != 1)}: {rules}{guard}")
+    return 0
+
+
+def _add_policy_parser(commands: argparse._SubParsersAction) -> None:
+    policy = commands.add_parser("policy", help="work with policy files", description="Policy files.")
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True, metavar="SUBCOMMAND")
+    check = policy_commands.add_parser(
+        "check",
+        help="validate a policy file (YAML, JSON or TOML)",
+        description=(
+            "Validate a policy file and print a one-line summary (exit status 0), or print "
+            "each problem with the key it concerns (exit status 2)."
+        ),
+    )
+    check.add_argument("file", metavar="FILE", help="a .yaml, .yml, .json or .toml policy file")
+    check.set_defaults(func=_policy_check)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stepguard",
@@ -61,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--plot", metavar="PNG", help="also plot r and accuracy to this file")
     demo.add_argument("--quiet", action="store_true", help="no progress display")
     demo.set_defaults(func=_demo)
+    _add_policy_parser(commands)
     return parser
 
 
