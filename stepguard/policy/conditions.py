@@ -202,7 +202,7 @@ class Spike(_Condition):
         n = len(history)
         if n >= self.warmup:
             mean = sum(history) / n
-            std = math.sqrt(sum((h - mean) ** 2 for h in history) / n)
+            std = math.sqrt(sum((h - mean) * (h - mean) for h in history) / n)
             floor = max(std, self.min_std, self.min_rel_std * abs(mean))
             if floor > 0:
                 z = (x - mean) / floor
