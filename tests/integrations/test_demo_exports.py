@@ -1,0 +1,65 @@
+"""``stepguard demo --prometheus PORT --tensorboard DIR`` exports the runs live."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+pytest.importorskip("prometheus_client")
+pytest.importorskip("tensorboard")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_demo_serves_metrics_while_training_and_writes_events(tmp_path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "stepguard",
+        "demo",
+        "--steps",
+        "400",
+        "--spike-at",
+        "20",
+        "--quiet",
+        "--out",
+        str(tmp_path / "demo"),
+        "--prometheus",
+        str(port),
+        "--tensorboard",
+        str(tmp_path / "tb"),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    scraped = ""
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+                    scraped = response.read().decode()
+                if 'stepguard_actions_total{action="clip",run="demo"}' in scraped:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "stepguard_normalized_step" in scraped and 'action="clip"' in scraped
+    accumulator = EventAccumulator(str(tmp_path / "tb" / "guarded"), size_guidance={SCALARS: 0})
+    accumulator.Reload()
+    assert len(accumulator.Scalars("stepguard/r")) == 400
