@@ -20,13 +20,19 @@ def _demo(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         out=args.out,
     )
-    run_demo(settings, progress=not args.quiet)
+    run_demo(settings, progress=not args.quiet, sinks_for=_demo_sinks(args))
     if args.plot:
         from stepguard.plots import plot_demo
 
         plot_demo(f"{args.out}/summary.json", args.plot)
         print(f"plot written to {args.plot}")
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from stepguard.bench import run_from_args
+
+    return run_from_args(args)
 
 
 def _policy_check(args: argparse.Namespace) -> int:
@@ -62,6 +68,26 @@ def _add_policy_parser(commands: argparse._SubParsersAction) -> None:
     check.set_defaults(func=_policy_check)
 
 
+def _demo_sinks(args: argparse.Namespace):
+    """TensorBoard sinks for both runs and a live Prometheus exporter for the guarded run."""
+
+    def sinks_for(run: str) -> list:
+        sinks: list = []
+        if args.tensorboard:
+            from stepguard.integrations.tensorboard import TensorBoardSink
+
+            sinks.append(TensorBoardSink(f"{args.tensorboard}/{run}"))
+        if args.prometheus is not None and run == "guarded":
+            from stepguard.integrations.prometheus import PrometheusSink
+
+            sink = PrometheusSink(port=args.prometheus, run="demo")
+            print(f"serving the guarded run's metrics at {sink.url}", file=sys.stderr)
+            sinks.append(sink)
+        return sinks
+
+    return sinks_for
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stepguard",
@@ -92,9 +118,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
     demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     demo.add_argument("--plot", metavar="PNG", help="also plot r and accuracy to this file")
+    demo.add_argument(
+        "--prometheus",
+        type=int,
+        metavar="PORT",
+        help="serve the guarded run's metrics live on 127.0.0.1:PORT (0: a free port)",
+    )
+    demo.add_argument("--tensorboard", metavar="DIR", help="write TensorBoard events to DIR/{plain,guarded}")
     demo.add_argument("--quiet", action="store_true", help="no progress display")
     demo.set_defaults(func=_demo)
     _add_policy_parser(commands)
+
+    from stepguard.bench import DESCRIPTION as BENCH_DESCRIPTION
+    from stepguard.bench import add_arguments as add_bench_arguments
+
+    bench = commands.add_parser(
+        "bench",
+        help="time a guarded training step against a plain one, on built-in models or yours",
+        description=BENCH_DESCRIPTION,
+    )
+    add_bench_arguments(bench)
+    bench.set_defaults(func=_bench)
     return parser
 
 
