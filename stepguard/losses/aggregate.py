@@ -110,8 +110,7 @@ class BagLevelLoss(_AggregateBase):
     $$L_{bag}=\frac1{|\mathcal B|}\sum_B\Big(\bar y_B-\frac1{|B|}\sum_{i\in B}f(x_i)\Big)^2$$
 
     Paper: Javanmard, Chen, Mirrokni, Badanidiyuru & Fu, "Learning from Aggregate
-    Responses: Instance Level versus Bag Level Loss Functions" (ICLR 2024,
-    arXiv 2401.11081).
+    Responses: Instance Level versus Bag Level Loss Functions" (ICLR 2024).
 
     Shapes: pred (N,), bag_index (N,) int64 in [0, K), bag_response (K,) → 0-d, or (K,)
     per bag with ``reduction="none"``. Batch-coupled.
@@ -137,7 +136,7 @@ class InstanceLevelLoss(_AggregateBase):
     =\frac1N\sum_B\Big[|B|(\bar y_B-\bar f_B)^2+\sum_{i\in B}(f_i-\bar f_B)^2\Big]$$
 
     Paper: Javanmard et al., "Learning from Aggregate Responses: Instance Level versus Bag
-    Level Loss Functions" (ICLR 2024, arXiv 2401.11081).
+    Level Loss Functions" (ICLR 2024).
 
     Shapes: pred (N,), bag_index (N,) int64, bag_response (K,) → 0-d, or (N,) with
     ``reduction="none"``. Batch-coupled (instances share their bag's response).
@@ -169,7 +168,7 @@ class AggregateInterpolatedLoss(_AggregateBase):
     and parametrisation are one natural choice, exact at both ends.
 
     Paper: Javanmard et al., "Learning from Aggregate Responses: Instance Level versus Bag
-    Level Loss Functions" (ICLR 2024, arXiv 2401.11081).
+    Level Loss Functions" (ICLR 2024).
 
     Shapes: pred (N,), bag_index (N,) int64, bag_response (K,) → 0-d, or (K,) per bag with
     ``reduction="none"``. Batch-coupled.

@@ -303,7 +303,9 @@ class AUCSquareLoss(_AUCBase):
     reference implementation exists (LibAUC never shipped it); the form follows Ying et al.
     2016 ("Stochastic Online AUC Maximization").
 
-    Paper: Yuan, Yan, Sonka & Yang (arXiv 2012.03173), Sec. on the square loss.
+    Paper: Yuan, Yan, Sonka & Yang, "Large-scale Robust Deep AUC Maximization: A New
+    Surrogate Loss and Empirical Studies on Medical Image Classification" (arXiv 2012.03173),
+    where the square loss is the baseline AUC-M improves on.
 
     Shapes: y_pred (B,) or (B, 1), y_true (B,) or (B, 1) in {0, 1} → 0-d. Batch-coupled.
 
@@ -352,7 +354,9 @@ class MultiLabelAUCMLoss(_AUCBase):
     omits the margin (the prior term is $p(1-p)$, so every m acts like m = 1) and its v2 uses
     ``sum/count_nonzero`` means.
 
-    Paper: Yuan, Yan, Sonka & Yang (arXiv 2012.03173); LibAUC ``MultiLabelAUCMLoss``.
+    Paper: Yuan, Yan, Sonka & Yang, "Large-scale Robust Deep AUC Maximization: A New
+    Surrogate Loss and Empirical Studies on Medical Image Classification" (arXiv 2012.03173);
+    LibAUC ``MultiLabelAUCMLoss``.
 
     Shapes: y_pred (B, L) scores, y_true (B, L) in {0, 1} → 0-d. Batch-coupled.
 

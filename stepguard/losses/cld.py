@@ -1,4 +1,6 @@
-"""CLD (Correlation of Loss Differences) coreset scores (Nagaraj, Ravikumar & Roy).
+"""CLD (Correlation of Loss Differences) coreset scores: Nagaraj, Ravikumar & Roy,
+"Coresets from Trajectories: Selecting Data via Correlation of Loss Differences"
+(arXiv 2508.20230).
 
 A training sample is valuable when its loss moves with the validation loss of its class
 along the training trajectory. With per-sample training losses ``ℓ(θ_t, z_m)`` at E

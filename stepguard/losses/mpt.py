@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from stepguard.losses.base import GuardedLoss, check_logits_target, check_reduction, reduce
+from stepguard.losses.base import GuardedLoss, check_logits_target, reduce
 
 Distillation = Literal["kl", "lm", "none"]
 
@@ -188,7 +188,6 @@ class MPTLoss(GuardedLoss):
         self.beta = float(beta)
         self.distillation: Distillation = distillation
         self.lm_weight = float(lm_weight)
-        check_reduction("mean")
 
     def _fd(self, student: Tensor, teacher: Tensor, target: Tensor) -> Tensor:
         if self.distillation == "kl":

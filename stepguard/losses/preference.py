@@ -387,8 +387,11 @@ class SimPOLoss(_PreferenceLoss):
     L=-(1-\varepsilon)\log\sigma\big(\beta(r-\gamma/\beta)\big)
     -\varepsilon\log\sigma\big(-\beta(r-\gamma/\beta)\big)$$
 
-    ``loss_type="hinge"`` uses $\mathrm{relu}(1-\beta(r-\gamma/\beta))$. Defaults from the
-    reference configuration (β = 2, γ/β = 0.25).
+    ``loss_type="hinge"`` uses $\mathrm{relu}(1-\beta(r-\gamma/\beta))$. With
+    ``sft_weight`` > 0 the loss adds $w\cdot\mathrm{mean}_i(-\log\pi_\theta(y_w)/|y_w|)$, the
+    chosen responses' average negative log-likelihood (the reference code's token-level
+    cross-entropy, equal when the responses have the same length). Defaults from the
+    reference configuration (β = 2, γ/β = 0.25, no SFT term).
 
     Paper: Meng, Xia & Chen, "SimPO: Simple Preference Optimization with a Reference-Free
     Reward" (arXiv 2405.14734).
@@ -401,6 +404,7 @@ class SimPOLoss(_PreferenceLoss):
         gamma_beta_ratio: γ/β (0.25).
         label_smoothing: ε (0).
         loss_type: ``"sigmoid"`` or ``"hinge"``.
+        sft_weight: weight of the SFT term (0).
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         accumulation_steps: see :class:`~stepguard.losses.base.GuardedLoss`.
     """
@@ -411,6 +415,7 @@ class SimPOLoss(_PreferenceLoss):
         gamma_beta_ratio: float = 0.25,
         label_smoothing: float = 0.0,
         loss_type: SimPOLossType = "sigmoid",
+        sft_weight: float = 0.0,
         reduction: str = "mean",
         *,
         accumulation_steps: int = 1,
@@ -421,6 +426,9 @@ class SimPOLoss(_PreferenceLoss):
         self.gamma_beta_ratio = float(gamma_beta_ratio)
         self.label_smoothing = float(label_smoothing)
         self.loss_type: SimPOLossType = loss_type
+        if sft_weight < 0:
+            raise ValueError(f"sft_weight must be >= 0, got {sft_weight}")
+        self.sft_weight = float(sft_weight)
 
     def forward(self, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor) -> Tensor:
         loss, chosen, rejected = simpo_loss(
@@ -433,6 +441,10 @@ class SimPOLoss(_PreferenceLoss):
             self.reduction,
         )
         self._record_rewards(loss, chosen, rejected)
+        if self.sft_weight > 0:
+            sft = reduce(-policy_chosen_logps, self.reduction)
+            self.components["sft"] = sft.detach().mean()
+            loss = loss + self.sft_weight * sft
         return loss
 
     def radius_logits(self, output: tuple[Tensor, ...], target: Tensor | None = None) -> Tensor:

@@ -52,8 +52,8 @@ class SoftTargetBCELoss(GuardedLoss):
     $$L_{soft}(w)=\frac1n\sum_i\big[-p_i\log\sigma(z_i)-(1-p_i)\log(1-\sigma(z_i))\big]
     =\frac1n\sum_i\big[\operatorname{softplus}(z_i)-p_iz_i\big],\quad z_i=x_i^\top w$$
 
-    Paper: Ghosh, Yu, Warmuth & Bartlett, "Soft labels versus hard labels" (arXiv
-    2603.20967).
+    Paper: Ghosh, Yu, Warmuth & Bartlett, "Hard labels sampled from sparse targets mislead
+    rotation invariant algorithms" (arXiv 2603.20967).
 
     Shapes: logits (N,) [or any shape], soft_target of the same shape in [0, 1] → 0-d, or
     elementwise with ``reduction="none"``.
@@ -80,8 +80,8 @@ class HardLabelLogisticLoss(GuardedLoss):
     r"""Hard-label logistic loss $L_{hard}(w)=\frac1n\sum_i\operatorname{softplus}(-y_iz_i)$,
     $y_i\in\{\pm1\}$ (e.g. drawn with $P(y_i=+1)=p_i$).
 
-    Paper: Ghosh, Yu, Warmuth & Bartlett, "Soft labels versus hard labels" (arXiv
-    2603.20967).
+    Paper: Ghosh, Yu, Warmuth & Bartlett, "Hard labels sampled from sparse targets mislead
+    rotation invariant algorithms" (arXiv 2603.20967).
 
     Shapes: logits (N,), target (N,) in {−1, +1} → 0-d, or (N,) with ``reduction="none"``.
 

@@ -116,9 +116,10 @@ class SymmetricCELoss(_Unbounded):
 
     plus ``½·score_l2·‖f‖²`` when set. With ``bound`` the scores are ``b·tanh(f/b)``.
 
-    Paper: "Symmetrization of Loss Functions" (arXiv 2605.20347); binary unhinged loss of van
-    Rooyen, Menon & Williamson, "Learning with Symmetric Label Noise: The Importance of Being
-    Unhinged" (arXiv 1505.07634).
+    Paper: Lemire Paquin, Chaib-Draa & Giguère, "Symmetrization of Loss Functions for Robust
+    Training of Neural Networks in the Presence of Noisy Labels" (arXiv 2605.20347); binary
+    unhinged loss of van Rooyen, Menon & Williamson, "Learning with Symmetric Label Noise: The
+    Importance of Being Unhinged" (arXiv 1505.07634).
 
     Shapes: logits (B, C), target (B,) int64 → 0-d, or (B,) with ``reduction="none"``.
 

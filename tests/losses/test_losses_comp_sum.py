@@ -45,6 +45,16 @@ def test_reference_values_and_gradients(case: str, faithful: bool) -> None:
     close(logits.grad, ref["grad_logits"])
 
 
+def test_gce_of_the_ldr_reference_repository() -> None:
+    ref = load_golden("ldr_kl.json")
+    case = ref["cases"]["GCELoss_q0.7_k0_(LDR repo)"]
+    logits = t32(ref["inputs"]["logits"]).requires_grad_(True)
+    value = GCELoss(case["hyperparameters"]["q"])(logits, torch.tensor(ref["inputs"]["labels"]))
+    close(value, case["loss"])
+    value.backward()
+    close(logits.grad, case["grad_logits"])
+
+
 def _ce(logits: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, LABELS)
 

@@ -116,6 +116,13 @@ def test_simpo_per_pair_values(beta: float, ratio: float) -> None:
     torch.testing.assert_close(loss.components["chosen_reward"], (beta * AVG_C).mean())
 
 
+def test_simpo_sft_term_adds_the_average_chosen_nll() -> None:
+    plain = SimPOLoss()(AVG_C, AVG_R)
+    with_sft = SimPOLoss(sft_weight=0.3)
+    torch.testing.assert_close(with_sft(AVG_C, AVG_R), plain + 0.3 * (-AVG_C).mean())
+    torch.testing.assert_close(with_sft.components["sft"], (-AVG_C).mean())
+
+
 def test_dpo_radius_logits_are_the_sigmoid_argument() -> None:
     loss = DPOLoss(beta=0.2, reduction="none")
     logits = loss.radius_logits((PC, PR, RC, RR))
