@@ -63,7 +63,7 @@ class PolicyConfig(BaseModel):
             if rule.name in first:
                 raise PydanticCustomError(
                     "duplicate_rule_name",
-                    "duplicate rule name {name!r} (first used by rules[{first}]); names must be unique",
+                    "duplicate rule name '{name}' (first used by rules[{first}]); names must be unique",
                     {"name": rule.name, "first": first[rule.name], "at": [i, "name"]},
                 )
             first[rule.name] = i
