@@ -260,3 +260,12 @@ def test_bad_inputs_are_refused() -> None:
         PRESTOLoss(2, 3, lam=0.1, crossing="nan")
     with pytest.raises(ValueError, match=r"\(B, 2\)"):
         PRESTOLoss(2, 3, lam=0.1)(torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("distillation", ["kl", "lm"])
+def test_mpt_gradcheck_float64(distillation: str) -> None:
+    logits = NEW.double().requires_grad_(True)
+    loss = MPTLoss(3, distillation=distillation)
+    assert torch.autograd.gradcheck(
+        lambda z: loss(z, LABELS, OLD.double(), REF.double()), (logits,)
+    )
