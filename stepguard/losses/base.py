@@ -52,9 +52,9 @@ class GuardedLoss(nn.Module):
 
     meaningful_value: ClassVar[bool] = True
     batch_coupled: ClassVar[bool] = False
-    has_radius_logits: ClassVar[bool] = True
     coupling_note: ClassVar[str] = ""
-    no_radius_reason: ClassVar[str] = ""
+    has_radius_logits: bool = True
+    no_radius_reason: str = ""
 
     def __init__(self, *, accumulation_steps: int = 1) -> None:
         super().__init__()
