@@ -161,6 +161,7 @@ class GuardEngine:
             min_cosine=cfg.min_cosine,
         )
         self._sketch_index: list[Tensor] | None = None
+        self._layout_cache: tuple[Any, list[tuple[str, Tensor, int | None]]] | None = None
         self._sketch_ref: Tensor | None = None
         self._idle_cost: float | None = None
         self._period: float | None = None
@@ -253,7 +254,7 @@ class GuardEngine:
         timings["measure"] = time.perf_counter() - t
         if self._grad_norm is not None:
             tensors["grad_norm"] = self._grad_norm
-        if params:
+        if params and measure:
             tensors["update_param_cosine"] = update_param_cosine(delta, theta0)
         entangled: list[str] = []
         if observed.get("watched") and self._probe is not None:
@@ -441,13 +442,9 @@ class GuardEngine:
         if self._head is not None:
             self._head.targets = observed.get("targets")
             measured, logits_fn = self._head, None
-        index = {id(p): i for i, p in enumerate(params)}
         primals: dict[str, Tensor] = {}
         update: dict[str, Tensor] = {}
-        for name, p in measured.named_parameters():
-            if not p.requires_grad:
-                continue
-            i = index.get(id(p))
+        for name, p, i in self._layout(measured, params):
             primals[name] = p.detach() if i is None else theta0[i]
             update[name] = torch.zeros_like(p) if i is None else delta[i]
         used, scalars, vectors = measure_update(
@@ -461,10 +458,20 @@ class GuardEngine:
             mask=observed.get("mask"),
             logits_fn=logits_fn,
             estimator=self._estimator,
+            summarize_on_host=not self._distributed,
         )
         if self._estimator == "auto" and used == "finite_difference":
             self._estimator = "finite_difference"
         return used, scalars, vectors
+
+    def _layout(self, measured: nn.Module, params: list[Tensor]) -> list[tuple[str, Tensor, int | None]]:
+        """(name, parameter, index in the optimizer's list) of each trainable parameter, cached."""
+        key = (id(measured), len(params), tuple(id(p) for p in params))
+        if self._layout_cache is None or self._layout_cache[0] != key:
+            index = {id(p): i for i, p in enumerate(params)}
+            layout = [(n, p, index.get(id(p))) for n, p in measured.named_parameters() if p.requires_grad]
+            self._layout_cache = (key, layout)
+        return self._layout_cache[1]
 
     # ---------------------------------------------------------------- decision
 
@@ -477,6 +484,7 @@ class GuardEngine:
             measured=measured,
             last_rho=self._last_rho,
             loss=loss,
+            binding_k=self.config.binding_k,
             lr=float(lr) if lr is not None else None,
         )
         if measured and (math.isfinite(report.rho_a) or report.rho_a == math.inf):

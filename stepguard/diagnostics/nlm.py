@@ -110,9 +110,12 @@ def update_param_cosine(update: Sequence[Tensor], params: Sequence[Tensor]) -> T
             raise ValueError(f"update shape {tuple(u.shape)} does not match {tuple(p.shape)}")
     wide = _wide(*(t.dtype for t in update), *(t.dtype for t in params))
     device = params[0].device
-    us = [u.detach().to(wide) for u in update]
-    ps = [p.detach().to(wide) for p in params]
-    dot = torch.stack([t.sum().to(device) for t in torch._foreach_mul(us, ps)]).sum()
-    norm_u = torch.linalg.vector_norm(torch.stack([n.to(device) for n in torch._foreach_norm(us)]))
-    norm_p = torch.linalg.vector_norm(torch.stack([n.to(device) for n in torch._foreach_norm(ps)]))
+    work = [t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32 for t in params]
+    us = [u.detach().reshape(-1).to(w) for u, w in zip(update, work, strict=True)]
+    ps = [p.detach().reshape(-1).to(w) for p, w in zip(params, work, strict=True)]
+    dot = torch.stack(
+        [torch.dot(u, p).to(device=device, dtype=wide) for u, p in zip(us, ps, strict=True)]
+    ).sum()
+    norm_u = torch.linalg.vector_norm(torch.stack([n.to(device, wide) for n in torch._foreach_norm(us)]))
+    norm_p = torch.linalg.vector_norm(torch.stack([n.to(device, wide) for n in torch._foreach_norm(ps)]))
     return _safe_ratio(dot, norm_u * norm_p)
