@@ -185,12 +185,12 @@ def row_statistics(z: Tensor, a: Tensor, targets: Tensor | None) -> dict[str, Te
     wide = torch.float64 if z.dtype == torch.float64 else torch.float32
     total = torch.exp(z - first[:, None]).sum(dim=-1)
     collapsed = total == 1
-    log_z = first.to(wide) + torch.log(total.to(wide))
+    log_z = torch.logsumexp(z.to(wide), dim=-1)
     out = {
         "spread": spread,
         "top2": top2,
         "sc_fraction": collapsed.to(wide).mean(),
-        "max_logit_gap": (first - second).to(wide).max(),
+        "max_logit_gap": (first.to(wide) - second.to(wide)).max(),
         "logz_mean": log_z.mean(),
         "logz_sq_mean": log_z.square().mean(),
     }

@@ -34,3 +34,60 @@ def test_sync_brings_every_value_in_its_place() -> None:
         "binding": [5.0, 7.0],
         "values": [],
     }
+
+
+import pytest  # noqa: E402
+
+from stepguard.config import GuardConfig  # noqa: E402
+from stepguard.diagnostics import nlm_cosine, softmax_collapse_stats  # noqa: E402
+from stepguard.geometry.formulas import logit_spread, top2_radius  # noqa: E402
+from stepguard.measure import build_report, row_statistics, step_geometry  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("with_targets", [True, False])
+def test_fused_row_statistics_match_the_reference_definitions(dtype, with_targets) -> None:
+    gen = torch.Generator().manual_seed(1)
+    z = (
+        torch.randn(40, 7, generator=gen, dtype=torch.float64)
+        * torch.linspace(0.1, 30, 40, dtype=torch.float64)[:, None]
+    ).to(dtype)
+    a = torch.randn(40, 7, generator=gen, dtype=torch.float64).to(dtype)
+    y = torch.randint(0, 7, (40,), generator=gen) if with_targets else None
+    got = row_statistics(z, a, y)
+    assert torch.equal(got["spread"], logit_spread(a))
+    assert torch.allclose(
+        got["top2"].double(), top2_radius(z, a, y).double(), rtol=1e-6 if dtype != torch.float64 else 1e-12
+    )
+    ref = softmax_collapse_stats(z, y)
+    for key in ("sc_fraction", "max_logit_gap"):
+        assert got[key].item() == ref[key].item(), key
+    for key in ("logz_mean", "logz_sq_mean"):
+        assert got[key].item() == pytest.approx(ref[key].item(), rel=1e-6), key
+    if with_targets:
+        assert got["sc_zero_loss_fraction"].item() == ref["sc_zero_loss_fraction"].item()
+    assert got["nlm_cosine"].item() == pytest.approx(nlm_cosine(z, a).item(), rel=1e-6, abs=1e-7)
+    assert 0 < ref["sc_fraction"].item() < 1 or dtype == torch.float64  # both regimes present
+
+
+@pytest.mark.parametrize("classes", [1, 2, 5])
+def test_host_and_device_summaries_agree(classes) -> None:
+    gen = torch.Generator().manual_seed(2)
+    z = torch.randn(30, classes, generator=gen)
+    a = torch.randn(30, classes, generator=gen)
+    y = torch.randint(0, classes, (30,), generator=gen) if classes > 1 else None
+    if y is not None:
+        y[3] = -100
+    cfg = GuardConfig(binding_k=4)
+    reports = []
+    for on_host in (True, False):
+        scalars, vectors = step_geometry(z, a, targets=y, mask=None, config=cfg, summarize_on_host=on_host)
+        values = sync_to_host({"tau": torch.tensor(0.5), **scalars}, vectors)
+        reports.append(build_report(values, step=0, estimator="jvp", measured=True, binding_k=4))
+    host, device = reports
+    assert host.delta_a == device.delta_a and host.rho_top2 == device.rho_top2
+    assert host.rho_binary == device.rho_binary and (host.rho_binary is not None) == (classes <= 2)
+    assert host.binding == device.binding and 3 not in host.binding
+    assert host.spread.values == device.spread.values
+    for name in ("q99", "q90", "median", "mean", "min", "max"):
+        assert getattr(host.spread, name) == pytest.approx(getattr(device.spread, name), rel=1e-12)
