@@ -13,7 +13,7 @@ from stepguard.engine import HaltTraining, NoBatchError
 from stepguard.geometry import RadiusResult, radius
 from stepguard.guard import StepGuard
 from stepguard.hooks import GuardHandle, attach
-from stepguard.policy import ClipPolicy, MonitorPolicy, Policy, VetoPolicy
+from stepguard.policy import ClipPolicy, MonitorPolicy, Policy, Rule, RulePolicy, SafePolicy, VetoPolicy
 from stepguard.report import Decision, SpreadSummary, StepReport
 
 __all__ = [
@@ -26,6 +26,9 @@ __all__ = [
     "NoBatchError",
     "Policy",
     "RadiusResult",
+    "Rule",
+    "RulePolicy",
+    "SafePolicy",
     "SpreadSummary",
     "StepGuard",
     "StepReport",

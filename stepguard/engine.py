@@ -319,6 +319,7 @@ class GuardEngine:
             applied_tau=report.tau * decision.scale if decision.scale else 0.0,
             reason=decision.reason if measure else f"{decision.reason} [r estimated; {why}]",
             rule=decision.rule,
+            halt=decision.halt,
             timings=timings,
         )
         self.sinks.write(report)
@@ -501,7 +502,7 @@ class GuardEngine:
             torch._foreach_copy_(live, theta0)
             if decision.action == "clip":
                 torch._foreach_add_(live, delta, alpha=decision.scale)
-        if decision.action == "veto":
+        if decision.action == "veto" and decision.restore_state:
             if self._state_backup is not None:
                 self._restore_state(self._state_backup)
             elif self.policy.may_veto:

@@ -37,6 +37,9 @@ class Decision:
         rule: the name of the rule that decided (``None`` when no rule fired).
         halt: stop training after this step is committed: the guard sends the report to
             the sinks, then raises :class:`~stepguard.HaltTraining` naming the step and reason.
+        restore_state: on a veto, also restore the optimizer state (Adam's moments,
+            momentum) to what it was before the step; False keeps the state's update and
+            only skips the parameter change.
     """
 
     action: Action = "allow"
@@ -44,6 +47,7 @@ class Decision:
     reason: str = ""
     rule: str | None = None
     halt: bool = False
+    restore_state: bool = True
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
@@ -114,6 +118,7 @@ class StepReport:
     applied_tau: float = 0.0
     reason: str = ""
     rule: str | None = None
+    halt: bool = False
     estimator: Estimator = "jvp"
     measured: bool = True
     rho_binary: float | None = None
@@ -139,7 +144,9 @@ class StepReport:
     @property
     def decision(self) -> Decision:
         """The decision part of the report as a :class:`Decision`."""
-        return Decision(action=self.action, scale=self.scale, reason=self.reason, rule=self.rule)
+        return Decision(
+            action=self.action, scale=self.scale, reason=self.reason, rule=self.rule, halt=self.halt
+        )
 
     def scalars(self) -> dict[str, float]:
         """Every numeric field as a flat ``name → float`` mapping (for sinks).

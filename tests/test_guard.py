@@ -441,3 +441,27 @@ def test_fsdp_models_are_refused_with_a_clear_message() -> None:
     model = FSDPModule()
     with pytest.raises(NotImplementedError, match="FSDP"):
         StepGuard(torch.optim.SGD(model.parameters(), lr=0.1), model=model)
+
+
+def test_a_veto_can_keep_the_optimizer_state_update() -> None:
+    from stepguard import Decision, Policy
+
+    class SkipKeepState(Policy):
+        name = "skip_keep_state"
+
+        def decide(self, report):
+            return Decision("veto", 0.0, "skip", "skip", restore_state=False)
+
+    net = make_net()
+    ref_net, ref_opt = twin(net, lr=1e-2)
+    guard = StepGuard(torch.optim.Adam(net.parameters(), lr=1e-2), model=net, policy=SkipKeepState())
+    x, y = batch()
+    before = params_of(net)
+    backward(net, x, y)
+    report = guard.step()
+    backward(ref_net, x, y)
+    ref_opt.step()
+    assert report.action == "veto"
+    for p, p0 in zip(net.parameters(), before, strict=True):
+        assert torch.equal(p.detach(), p0)
+    assert_same_state(state_of(guard.optimizer), state_of(ref_opt))  # moments moved as in plain Adam
