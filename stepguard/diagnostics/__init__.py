@@ -15,7 +15,12 @@ from stepguard.diagnostics.collapse import (
     softmax_collapse,
     softmax_collapse_stats,
 )
-from stepguard.diagnostics.entanglement import Entanglement, EntanglementProbe, entanglement
+from stepguard.diagnostics.entanglement import (
+    Entanglement,
+    EntanglementProbe,
+    entanglement,
+    entanglement_from_gram,
+)
 from stepguard.diagnostics.nlm import nlm_cosine, update_param_cosine
 
 __all__ = [
@@ -24,6 +29,7 @@ __all__ = [
     "SoftmaxCollapse",
     "absorption_gap",
     "entanglement",
+    "entanglement_from_gram",
     "nlm_cosine",
     "softmax_collapse",
     "softmax_collapse_stats",

@@ -125,6 +125,29 @@ def entanglement(
     return _result(names, gram, pair, lengths, batch)
 
 
+def entanglement_from_gram(
+    gram: Tensor,
+    names: Sequence[str],
+    *,
+    pair: tuple[str, str] = ("chosen", "rejected"),
+    lengths: Mapping[str, Length] | None = None,
+) -> Entanglement:
+    """The :class:`Entanglement` of a Gram matrix computed elsewhere, with the same definitions.
+
+    Args:
+        gram: (m, m) matrix of gradient inner products ⟨∇ℓ_i, ∇ℓ_j⟩.
+        names: the m objective names, in the Gram's order.
+        pair: the (chosen, rejected) names the ratios refer to.
+        lengths: as in :func:`entanglement` (d_w/d_l = lengths[l]/lengths[w]).
+    """
+    names = tuple(names)
+    if gram.shape != (len(names), len(names)):
+        raise ValueError(
+            f"gram must be ({len(names)}, {len(names)}) for names {names}, got {tuple(gram.shape)}"
+        )
+    return _result(names, gram, pair, lengths, None)
+
+
 class EntanglementProbe:
     """Gradient entanglement of named objectives, and their realized change along a step.
 

@@ -64,8 +64,7 @@ def _margin(
         return h
     if reference_chosen_logps is None or reference_rejected_logps is None:
         raise ValueError(
-            "reference_chosen_logps and reference_rejected_logps are required unless "
-            "reference_free=True"
+            "reference_chosen_logps and reference_rejected_logps are required unless reference_free=True"
         )
     return h - (reference_chosen_logps - reference_rejected_logps)
 
@@ -106,9 +105,7 @@ def dpo_loss(
         reference_rejected_logps,
         reference_free,
     )
-    losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(
-        -beta * h
-    )
+    losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     chosen = _rewards(beta, policy_chosen_logps, reference_chosen_logps, reference_free)
     rejected = _rewards(beta, policy_rejected_logps, reference_rejected_logps, reference_free)
     return reduce(losses, reduction), chosen, rejected
@@ -161,9 +158,7 @@ def simpo_loss(
     """
     if beta <= 0:
         raise ValueError(f"beta must be positive, got {beta}")
-    _check_pairs(
-        policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps
-    )
+    _check_pairs(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
     z = beta * (policy_chosen_logps - policy_rejected_logps - gamma_beta_ratio)
     if loss_type == "sigmoid":
         losses = -(1.0 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
@@ -225,25 +220,31 @@ def entanglement_ratios(
         d_chosen: d_w.
         d_rejected: d_l.
 
+    The ratios are those of :func:`stepguard.diagnostics.entanglement` (one definition).
+
     Returns:
         ``inner``, ``cosine``, ``norm_chosen_sq``, ``norm_rejected_sq``, ``chosen_ratio``
         (⟨∇_w,∇_l⟩ / ((d_w/d_l)‖∇_w‖²), < 1 means log π_w rises) and ``rejected_ratio``
         (⟨∇_w,∇_l⟩ / ((d_l/d_w)‖∇_l‖²), < 1 means log π_l falls).
     """
+    from stepguard.diagnostics import entanglement_from_gram
+
     g_w = grad_chosen.reshape(-1)
     g_l = grad_rejected.reshape(-1).to(g_w.dtype)
     inner = g_w @ g_l
     nw, nl = g_w @ g_w, g_l @ g_l
-    ratio = torch.as_tensor(d_chosen, dtype=g_w.dtype) / torch.as_tensor(
-        d_rejected, dtype=g_w.dtype
+    gram = torch.stack([torch.stack([nw, inner]), torch.stack([inner, nl])])
+    # d_w/d_l enters as lengths[rejected]/lengths[chosen], the SimPO convention
+    result = entanglement_from_gram(
+        gram, ("chosen", "rejected"), lengths={"chosen": d_rejected, "rejected": d_chosen}
     )
     return {
         "inner": inner,
-        "cosine": inner / torch.sqrt(nw * nl).clamp(min=1e-30),
+        "cosine": result.cosine[0, 1],
         "norm_chosen_sq": nw,
         "norm_rejected_sq": nl,
-        "chosen_ratio": inner / (ratio * nw).clamp(min=1e-30),
-        "rejected_ratio": inner / (nl / ratio).clamp(min=1e-30),
+        "chosen_ratio": result.ratio_chosen,
+        "rejected_ratio": result.ratio_rejected,
     }
 
 
@@ -356,9 +357,7 @@ class IPOLoss(_PreferenceLoss):
     has_radius_logits = False
     no_radius_reason = "IPO is a squared loss on the log-ratio margin"
 
-    def __init__(
-        self, beta: float = 0.1, reduction: str = "mean", *, accumulation_steps: int = 1
-    ) -> None:
+    def __init__(self, beta: float = 0.1, reduction: str = "mean", *, accumulation_steps: int = 1) -> None:
         super().__init__(beta, reduction, accumulation_steps)
 
     def forward(
