@@ -19,8 +19,10 @@ Protocol (one process, one run):
   block) give the spread. The block length is rounded up to a multiple of every
   ``measure_every``, so each block holds the same number of measured steps.
 * **Split.** The guard times its own phases per step in ``report.timings`` (snapshot,
-  optimizer, diff, measure, sync, decide, commit). The split is the mean per timed step
-  of each; ``sinks`` is the time spent in the bench's (optional) JSON-lines sink, and
+  optimizer, diff, trigger, measure, reduce_sync, decide, commit: whatever keys the
+  installed guard reports; ``optimizer`` is the inner step, not the guard's time). The
+  split is the mean per timed step of each; ``sinks`` is the time spent in the bench's
+  (optional) JSON-lines sink, and
   ``untimed`` is what remains of the mean overhead (guarded minus plain step time)
   after the timed phases: the forward capture hook, assembling the report, the step
   wrapper, and the timing noise, which can make it negative.
