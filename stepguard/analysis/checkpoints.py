@@ -1,0 +1,375 @@
+"""Finding checkpoint files, ordering them by step, and reading the model's state dict out of each.
+
+Formats read:
+
+* ``*.pt`` / ``*.pth``: a state dict, a dict holding one under ``state_dict``,
+  ``model_state_dict``, ``model`` or ``module`` (or a key you name), or a whole pickled
+  module (``unsafe=True`` only);
+* ``*.ckpt`` (PyTorch Lightning): the ``state_dict`` entry, whose keys carry the
+  LightningModule's attribute prefix (``model.``), detected and stripped;
+* ``*.safetensors``: read with the ``safetensors`` package (``pip install 'stepguard[analyze]'``).
+
+Key prefixes such as ``model.`` (Lightning), ``module.`` (DistributedDataParallel) and
+``_orig_mod.`` (``torch.compile``) are detected by matching the keys against the model's.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from stepguard.analysis.errors import AnalysisError, CheckpointError, NoCheckpointsError
+
+SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
+CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "module")
+PREFERRED_PREFIXES = ("model.", "module.", "_orig_mod.", "model.module.", "module._orig_mod.")
+_STEP_PATTERN = re.compile(r"(?:global_step|step|iteration|iter|it)[=_\-]?(\d+)", re.IGNORECASE)
+_NUMBER = re.compile(r"\d+")
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: (GLOBAL [\w.]+)")
+_SAFETENSORS_HINT = "pip install 'stepguard[analyze]'"
+
+
+@dataclass(frozen=True)
+class CheckpointFile:
+    """One checkpoint of a run.
+
+    Attributes:
+        path: the file.
+        step: the training step it was saved at (from its name, or its position in the list).
+    """
+
+    path: Path
+    step: int
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+@dataclass(frozen=True)
+class LoadedState:
+    """A state dict read from a checkpoint, with keys matched to the model's.
+
+    Attributes:
+        state: parameter and buffer values by the model's own names.
+        source: where in the file it came from, e.g. ``"state_dict (Lightning)"``.
+        prefix: the key prefix that was stripped (``""``: none).
+    """
+
+    state: dict[str, Any]
+    source: str
+    prefix: str
+
+
+def natural_key(name: str) -> tuple[Any, ...]:
+    """Sort key that orders embedded numbers by value: ``step_9`` before ``step_10``."""
+    parts = re.split(r"(\d+)", name)
+    return tuple(int(p) if i % 2 else p.lower() for i, p in enumerate(parts))
+
+
+def step_from_name(name: str) -> int | None:
+    """The step number in a checkpoint's file name, or ``None`` when it holds no number.
+
+    A number after ``step``/``global_step``/``iter`` wins (``epoch=3-step=1200.ckpt`` is
+    step 1200); otherwise the last number in the name (``ckpt_000120.pt`` is 120).
+    """
+    stem = name
+    for suffix in SUFFIXES:
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    tagged = _STEP_PATTERN.findall(stem)
+    if tagged:
+        return int(tagged[-1])
+    numbers = _NUMBER.findall(stem)
+    return int(numbers[-1]) if numbers else None
+
+
+def discover(directory: str | os.PathLike[str]) -> list[CheckpointFile]:
+    """The checkpoint files directly in ``directory``, ordered by step.
+
+    Files whose name holds no number (Lightning's ``last.ckpt``, a copy of the newest) are
+    left out when the others are numbered; when none is numbered, the files are taken in
+    natural order and numbered 0, 1, 2, ...
+
+    Raises:
+        NoCheckpointsError: the directory does not exist or holds no checkpoint file.
+        AnalysisError: two files carry the same step number.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise NoCheckpointsError(f"checkpoint directory {root} does not exist or is not a directory")
+    files = [p for p in root.iterdir() if p.is_file() and p.name.lower().endswith(SUFFIXES)]
+    if not files:
+        raise NoCheckpointsError(f"no checkpoints in {root}: expected files ending in {', '.join(SUFFIXES)}")
+    numbered = [p for p in files if step_from_name(p.name) is not None]
+    if not numbered:
+        ordered = sorted(files, key=lambda p: natural_key(p.name))
+        return [CheckpointFile(p, i) for i, p in enumerate(ordered)]
+    ordered = sorted(numbered, key=lambda p: (step_from_name(p.name), natural_key(p.name)))
+    checkpoints = [CheckpointFile(p, int(step_from_name(p.name) or 0)) for p in ordered]
+    _check_unique(checkpoints)
+    return checkpoints
+
+
+def from_list(paths: Sequence[str | os.PathLike[str]]) -> list[CheckpointFile]:
+    """Checkpoints in the order given, with their steps from the names when every name has a
+    distinct number (their positions 0, 1, 2, ... otherwise). Missing files stay in the list:
+    reading them fails later, and that checkpoint is reported and skipped.
+    """
+    if not paths:
+        raise NoCheckpointsError("the list of checkpoints is empty")
+    given = [Path(p) for p in paths]
+    steps = [step_from_name(p.name) for p in given]
+    if all(s is not None for s in steps) and len(set(steps)) == len(steps):
+        return [CheckpointFile(p, int(s or 0)) for p, s in zip(given, steps, strict=True)]
+    return [CheckpointFile(p, i) for i, p in enumerate(given)]
+
+
+def resolve(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[CheckpointFile]:
+    """A directory (see :func:`discover`) or an explicit list (see :func:`from_list`)."""
+    if isinstance(source, (str, os.PathLike)):
+        return discover(source)
+    return from_list(list(source))
+
+
+def _check_unique(checkpoints: Iterable[CheckpointFile]) -> None:
+    seen: dict[int, Path] = {}
+    for ckpt in checkpoints:
+        if ckpt.step in seen:
+            raise AnalysisError(
+                f"two checkpoints have step {ckpt.step}: {seen[ckpt.step].name} and {ckpt.name}; "
+                "name the ones to analyze with --checkpoints"
+            )
+        seen[ckpt.step] = ckpt.path
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_file(path: str | os.PathLike[str], *, unsafe: bool = False) -> Any:
+    """The object stored in a checkpoint file (CPU tensors).
+
+    Args:
+        path: the file (``.safetensors`` is read with ``safetensors``, anything else with
+            ``torch.load``).
+        unsafe: allow arbitrary pickled objects (``weights_only=False``): only for files you trust.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable or corrupt.
+    """
+    path = Path(path)
+    where = str(path)
+    if not path.is_file():
+        raise CheckpointError(where, "no such file")
+    if path.name.lower().endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError as exc:
+            raise CheckpointError(
+                where, f"reading safetensors files needs the safetensors package ({_SAFETENSORS_HINT})"
+            ) from exc
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as exc:
+            raise CheckpointError(where, f"not a readable safetensors file ({_describe(exc)})") from exc
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not unsafe)
+    except pickle.UnpicklingError as exc:
+        found = _UNSUPPORTED_GLOBAL.search(str(exc))
+        if not unsafe and found:
+            raise CheckpointError(
+                where,
+                f"it holds Python objects that a weights-only load refuses ({found.group(1)}); "
+                "if you trust the file, pass --unsafe-load",
+            ) from exc
+        raise CheckpointError(where, f"corrupt or not a PyTorch checkpoint ({_describe(exc)})") from exc
+    except Exception as exc:
+        raise CheckpointError(where, f"corrupt or not a PyTorch checkpoint ({_describe(exc)})") from exc
+
+
+def _describe(exc: BaseException) -> str:
+    message = str(exc)
+    if "WeightsUnpickler error:" in message:  # skip torch's advice about weights_only
+        message = message.split("WeightsUnpickler error:", 1)[1]
+    text = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    first = text[0][:200] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _is_state_dict(obj: Any) -> bool:
+    if not isinstance(obj, Mapping) or not obj:
+        return False
+    return all(isinstance(v, Tensor) or str(k).endswith("_extra_state") for k, v in obj.items())
+
+
+def extract_state_dict(obj: Any, path: str, *, key: str | None = None) -> tuple[dict[str, Any], str]:
+    """The state dict inside a loaded checkpoint, and a description of where it was found.
+
+    Raises:
+        CheckpointError: no state dict was found (the message lists the top-level keys).
+    """
+    if isinstance(obj, nn.Module):
+        return dict(obj.state_dict()), "a pickled module"
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(path, f"holds a {type(obj).__name__}, not a state dict")
+    lightning = any("lightning" in str(k) for k in obj) or ("state_dict" in obj and "global_step" in obj)
+    if key is not None:
+        if key not in obj:
+            raise CheckpointError(path, f"has no key {key!r}; its keys are {_keys(obj)}")
+        inner = obj[key]
+        inner = inner.state_dict() if isinstance(inner, nn.Module) else inner
+        if not _is_state_dict(inner):
+            raise CheckpointError(path, f"entry {key!r} is not a state dict (name → tensor)")
+        return dict(inner), repr(key)
+    if _is_state_dict(obj):
+        return dict(obj), "the top level"
+    for name in CONTAINER_KEYS:
+        inner = obj.get(name)
+        if isinstance(inner, nn.Module):
+            return dict(inner.state_dict()), f"{name!r} (a pickled module)"
+        if _is_state_dict(inner):
+            return dict(inner), f"{name!r}" + (" (Lightning)" if lightning else "")
+    raise CheckpointError(
+        path,
+        f"holds no state dict: looked for a mapping of tensors at the top level and under "
+        f"{', '.join(repr(k) for k in CONTAINER_KEYS)}; its keys are {_keys(obj)} "
+        "(name the entry with --key)",
+    )
+
+
+def _keys(obj: Mapping[Any, Any], limit: int = 8) -> str:
+    keys = [repr(k) for k in list(obj)[:limit]]
+    more = f", … ({len(obj)} in all)" if len(obj) > limit else ""
+    return "[" + ", ".join(keys) + more + "]"
+
+
+# ---------------------------------------------------------------- matching
+
+
+def match_state_dict(
+    state: Mapping[str, Any],
+    model: nn.Module,
+    path: str,
+    *,
+    prefix: str | None = None,
+) -> tuple[dict[str, Any], str]:
+    """Rename ``state``'s keys to the model's and check that every entry fits.
+
+    Args:
+        state: the checkpoint's state dict.
+        model: the model it must load into.
+        path: the checkpoint (for messages).
+        prefix: strip exactly this prefix; ``None`` detects it: none when the keys already
+            match, else the prefix under which every one of the model's keys is found
+            (keys outside it, e.g. a Lightning module's loss or metrics, are ignored).
+
+    Returns:
+        ``(state, prefix)``: the state dict under the model's names, and the prefix stripped.
+
+    Raises:
+        CheckpointError: keys are missing or unexpected, or a tensor's shape differs.
+    """
+    expected = model.state_dict(keep_vars=True)
+    if prefix is None:
+        prefix = _detect_prefix(state, expected)
+    if prefix:
+        renamed = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    else:
+        renamed = dict(state)
+    _fill_tied(renamed, expected)
+    missing = [k for k in expected if k not in renamed]
+    unexpected = [k for k in renamed if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} of the model's {len(expected)} keys are missing ({_few(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} keys are not in the model ({_few(unexpected)})")
+        hint = f" after stripping the prefix {prefix!r}" if prefix else ""
+        raise CheckpointError(
+            path,
+            f"does not match the model{hint}: "
+            + "; ".join(parts)
+            + " — is --model the factory of the network that was trained?",
+        )
+    wrong = []
+    for name, ref in expected.items():
+        value = renamed[name]
+        if isinstance(ref, Tensor) and isinstance(value, Tensor) and tuple(value.shape) != tuple(ref.shape):
+            wrong.append(f"{name}: checkpoint {tuple(value.shape)}, model {tuple(ref.shape)}")
+    if wrong:
+        shown = "; ".join(wrong[:3]) + (f"; … ({len(wrong)} in all)" if len(wrong) > 3 else "")
+        raise CheckpointError(path, f"does not match the model: shapes differ ({shown})")
+    return {k: renamed[k] for k in expected}, prefix
+
+
+def _few(names: Sequence[str], limit: int = 3) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (", …" if len(names) > limit else "")
+
+
+def _detect_prefix(state: Mapping[str, Any], expected: Mapping[str, Any]) -> str:
+    if all(k in state for k in expected):
+        return ""
+    counts: dict[str, int] = {}
+    for key in state:
+        for i, char in enumerate(key):
+            if char == "." and key[i + 1 :] in expected:
+                counts[key[: i + 1]] = counts.get(key[: i + 1], 0) + 1
+    needed = len(_distinct(expected))
+    full = [p for p, n in counts.items() if n >= needed]
+    if not full:
+        # no prefix covers every key: keep the best one, so the error names what is missing
+        return max(counts, key=lambda p: counts[p]) if counts else ""
+    for preferred in PREFERRED_PREFIXES:
+        if preferred in full:
+            return preferred
+    return min(full, key=len)
+
+
+def _distinct(expected: Mapping[str, Any]) -> set[int]:
+    return {id(v) for v in expected.values()}
+
+
+def _fill_tied(state: dict[str, Any], expected: Mapping[str, Any]) -> None:
+    """Tied weights saved once (``safetensors.torch.save_model``): fill in the other names."""
+    by_id: dict[int, list[str]] = {}
+    for name, value in expected.items():
+        by_id.setdefault(id(value), []).append(name)
+    for names in by_id.values():
+        if len(names) < 2:
+            continue
+        present = next((n for n in names if n in state), None)
+        if present is None:
+            continue
+        for name in names:
+            state.setdefault(name, state[present])
+
+
+def load_state(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    *,
+    key: str | None = None,
+    prefix: str | None = None,
+    unsafe: bool = False,
+) -> LoadedState:
+    """Read a checkpoint and match its state dict to ``model`` (see :func:`match_state_dict`).
+
+    Raises:
+        CheckpointError: naming the file and the problem.
+    """
+    where = str(path)
+    obj = read_file(path, unsafe=unsafe)
+    raw, source = extract_state_dict(obj, where, key=key)
+    state, stripped = match_state_dict(raw, model, where, prefix=prefix)
+    return LoadedState(state=state, source=source, prefix=stripped)
