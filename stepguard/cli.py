@@ -139,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_bench_arguments(bench)
     bench.set_defaults(func=_bench)
+
+    from stepguard.analysis.cli import add_analyze_command
+
+    add_analyze_command(commands)
     return parser
 
 
