@@ -59,10 +59,18 @@ class Probe:
         return 0
 
     def batch(self, *, seed: int = 0, training: bool = True) -> Batch:
-        """A replayable forward of the probe: the same random numbers at every checkpoint."""
-        with torch.random.fork_rng(devices=[]):
+        """A replayable forward of the probe: the same random numbers at every checkpoint.
+
+        The CPU generator, and the CUDA generator of every device the inputs live on, start
+        from ``seed`` at each replay (so dropout draws the same mask every time).
+        """
+        devices = sorted({t.device.index or 0 for t in _tensors(self.inputs) if t.is_cuda})
+        with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            return Batch.from_inputs(self.inputs, training=training)
+            batch = Batch.from_inputs(self.inputs, training=training)
+            for index in devices:
+                batch.device_rng_states[index] = torch.cuda.get_rng_state(index)
+        return batch
 
 
 def _move(value: Any, device: torch.device | str) -> Any:

@@ -298,3 +298,51 @@ def test_cld_with_too_few_checkpoints_is_skipped_with_a_note(monitor_run) -> Non
     probe = Probe(monitor_run.x, monitor_run.y)
     result = analyze(monitor_run.files[:2], small_mlp, probe, validation=probe, cld=True)
     assert result.cld is None and "3 or more usable checkpoints" in result.notes[0]
+
+
+class TinyLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(12, 8)
+        self.head = nn.Linear(8, 12)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.embed(tokens)))
+
+
+def test_sequence_outputs_with_mask_and_ignored_positions(tmp_path) -> None:
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 12, (6, 5))
+    targets = torch.randint(0, 12, (6, 5))
+    targets[:, 0] = -100
+    mask = torch.ones(6, 5, dtype=torch.bool)
+    mask[:, -1] = False
+    model = TinyLM()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    files = []
+    for k in range(3):
+        files.append(tmp_path / f"lm_{k}.pt")
+        torch.save(model.state_dict(), files[-1])
+        loss = F.cross_entropy(model(tokens).reshape(-1, 12), targets.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    probe = Probe(tokens, targets, mask)
+    result = analyze(files, TinyLM, probe, validation=probe, flips=True, cld=True)
+    kept = {int(i) for i in (mask & (targets != -100)).reshape(-1).nonzero().squeeze(1)}
+    assert result.transitions[0].report.spread.count == len(kept) == 18
+    for t in result.transitions:
+        assert set(t.report.binding) <= kept
+        assert len(t.binding_radii) == len(t.report.binding)
+        assert 0 <= t.report.extras["negative_flip_rate"] <= 1
+    assert result.cld is None and "one row of logits per sample" in result.notes[0]
+
+
+def test_device_choice() -> None:
+    from stepguard.analysis.replay import resolve_device
+
+    assert resolve_device(None).type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(AnalysisError, match="CUDA is not available"):
+            resolve_device("cuda")
