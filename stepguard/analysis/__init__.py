@@ -6,7 +6,8 @@ saw. See ``docs/analyzer.md``.
 
 * :func:`analyze` — measure every transition; returns an :class:`AnalysisResult`.
 * :func:`write_outputs` — ``report.jsonl``, ``report.csv``, ``checkpoints.csv``,
-  ``summary.json``, TensorBoard events and ``report.html``.
+  ``summary.json``, TensorBoard events and ``report.html``; :func:`read_report` reads
+  ``report.jsonl`` back as :class:`Transition` objects.
 * :func:`load_probe`, :func:`load_factory`, :func:`discover` — the inputs.
 * :func:`negative_flip_rate`, :func:`cld_scores` — the metrics across checkpoints.
 """
@@ -21,6 +22,8 @@ from stepguard.analysis.errors import (
 )
 from stepguard.analysis.metrics import cld_coreset, cld_ranking, cld_scores, negative_flip_rate
 from stepguard.analysis.model import build_model, load_factory
+from stepguard.analysis.outputs import read_jsonl as read_report
+from stepguard.analysis.outputs import write_outputs
 from stepguard.analysis.probe import Probe, digits_probe, load_probe
 from stepguard.analysis.replay import (
     AnalysisResult,
@@ -56,5 +59,7 @@ __all__ = [
     "load_state",
     "natural_key",
     "negative_flip_rate",
+    "read_report",
     "step_from_name",
+    "write_outputs",
 ]
