@@ -128,10 +128,10 @@ def run_sweep(
 
 
 def format_table(results: dict[str, Any], policy: str) -> str:
-    """One row per (base LR, run): median [min, max] over seeds, and the paper's reference."""
+    """One row per (base LR, run): median [min, max] over seeds; ``ref``: the paper's code on CPU."""
     head = (
         f"{'base lr':>8} {'run':<8} {'final test acc':>22} {'lowest acc after spike':>24} "
-        f"{'max r (proposed)':>28} {'max applied r':>14} {'steps clipped':>18} {'paper':>6}"
+        f"{'max r (proposed)':>28} {'max applied r':>14} {'steps clipped':>18} {'ref':>6}"
     )
     lines = [head]
     for key, entry in results.items():
