@@ -250,7 +250,8 @@ class GuardEngine:
         if measure:
             estimator, scalars, extra_values = self._measure(params, theta0, delta, tau_t, observed)
             tensors.update(scalars)
-            self._sketch_ref = self._sketch(delta)
+            if self.schedule.needs_triggers:
+                self._sketch_ref = self._sketch(delta)
         timings["measure"] = time.perf_counter() - t
         if self._grad_norm is not None:
             tensors["grad_norm"] = self._grad_norm
@@ -335,10 +336,10 @@ class GuardEngine:
     def _due(self, delta: list[Tensor], tau: Tensor, timings: dict[str, float]) -> tuple[bool, str]:
         """Whether this step gets a fresh JVP (see :class:`~stepguard.schedule.MeasurementSchedule`)."""
         schedule = self.schedule
-        if self._last_rho is None or self._sketch_ref is None:
-            return True, "first"
         if not schedule.needs_triggers:
             return True, "every step"
+        if self._last_rho is None or self._sketch_ref is None:
+            return True, "first"
         t = time.perf_counter()
         probe = {"tau": tau}
         sketch = self._sketch(delta)
@@ -359,7 +360,8 @@ class GuardEngine:
         if self._sketch_index is None or len(self._sketch_index) != len(delta):
             gen = torch.Generator().manual_seed(0)
             self._sketch_index = [
-                torch.randperm(d.numel(), generator=gen)[:_SKETCH_PER_TENSOR].to(d.device) for d in delta
+                torch.randperm(d.numel(), generator=gen)[:_SKETCH_PER_TENSOR].clone().to(d.device)
+                for d in delta
             ]
         parts = [
             d.reshape(-1).index_select(0, i).to(torch.float64)
