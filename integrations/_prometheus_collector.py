@@ -19,7 +19,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, get_args
 
 from stepguard.integrations import naming
-
 from stepguard.report import ACTIONS, Estimator, StepReport
 
 

@@ -34,7 +34,6 @@ from stepguard.integrations import naming
 from stepguard.integrations._dist import process_rank
 from stepguard.integrations._http import MetricsServer, PortInUseError
 from stepguard.integrations._prometheus_collector import StepGuardCollector
-
 from stepguard.report import StepReport
 
 __all__ = ["DEFAULT_PORT", "PortInUseError", "PrometheusSink"]

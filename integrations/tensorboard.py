@@ -29,7 +29,6 @@ from typing import Any
 
 from stepguard.integrations._dist import process_rank
 from stepguard.integrations.naming import tensorboard_tag
-
 from stepguard.report import ACTIONS, StepReport
 
 _EXTRA_HINT = "pip install 'stepguard[tensorboard]'"

@@ -40,9 +40,9 @@ def _rank_main(rank: int, store: str, out_dir: str) -> None:
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
-    from stepguard.integrations import PrometheusSink, TensorBoardSink
 
     from stepguard import StepGuard
+    from stepguard.integrations import PrometheusSink, TensorBoardSink
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:

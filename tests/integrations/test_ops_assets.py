@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from stepguard.integrations import assets, naming
 
 GRAFANA_COLUMNS = 24
@@ -132,6 +133,7 @@ def test_dashboard_promql_parses(helpers: Any, tmp_path: Path) -> None:
 def test_every_metric_in_the_dashboard_and_alerts_is_exported(helpers: Any) -> None:
     pytest.importorskip("prometheus_client")
     from prometheus_client.parser import text_string_to_metric_families
+
     from stepguard.integrations.prometheus import PrometheusSink
 
     sink = PrometheusSink(port=0, run="names")

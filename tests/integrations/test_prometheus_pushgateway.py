@@ -10,6 +10,7 @@ import pytest
 pytest.importorskip("prometheus_client", reason="needs the prometheus extra")
 
 from prometheus_client.parser import text_string_to_metric_families
+
 from stepguard.integrations.prometheus import PrometheusSink
 
 pytestmark = pytest.mark.requires_binary("prometheus-pushgateway")

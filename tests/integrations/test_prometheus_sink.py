@@ -17,9 +17,9 @@ pytest.importorskip("prometheus_client", reason="needs the prometheus extra")
 
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
+
 from stepguard.integrations import naming
 from stepguard.integrations.prometheus import PortInUseError, PrometheusSink
-
 from stepguard.report import ACTIONS
 
 

@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("tensorboard", reason="needs the tensorboard extra")
 
 import numpy as np
+
 from stepguard.integrations.tensorboard import DECISION_TAG, SPREAD_HISTOGRAM_TAG, TensorBoardSink
 
 RUN = "guarded"

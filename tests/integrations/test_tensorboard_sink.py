@@ -15,6 +15,8 @@ import pytest
 pytest.importorskip("tensorboard", reason="needs the tensorboard extra")
 
 import numpy as np
+from tensorboard.backend.event_processing import event_accumulator as ea_module
+
 from stepguard.integrations.tensorboard import (
     DECISION_TAG,
     R_LIMIT_TAG,
@@ -23,8 +25,6 @@ from stepguard.integrations.tensorboard import (
     action_tag,
     custom_scalars_layout,
 )
-from tensorboard.backend.event_processing import event_accumulator as ea_module
-
 from stepguard.report import ACTIONS
 from stepguard.sinks.base import SinkSet
 
