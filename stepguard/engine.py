@@ -161,6 +161,7 @@ class GuardEngine:
             min_cosine=cfg.min_cosine,
         )
         self._sketch_index: list[Tensor] | None = None
+        self._pre: dict[str, Any] | None = None
         self._layout_cache: tuple[Any, list[tuple[str, Tensor, int | None]]] | None = None
         self._sketch_ref: Tensor | None = None
         self._idle_cost: float | None = None
@@ -242,7 +243,7 @@ class GuardEngine:
             tau_t = global_norm(delta) if delta else torch.zeros(())
         timings["diff"] = time.perf_counter() - started
 
-        measure, why = self._due(delta, tau_t, timings)
+        measure, why = self._due(delta, tau_t, timings, loss)
         t = time.perf_counter()
         tensors: dict[str, Tensor] = {"tau": tau_t}
         extra_values: dict[str, Tensor] = {}
@@ -282,7 +283,11 @@ class GuardEngine:
                 for name in entangled:
                     tensors.pop(f"entanglement.{name}")
                 entangled = []
-        values = sync_to_host(tensors, extra_values)
+        pre, self._pre = self._pre, None
+        if not measure and pre is not None and set(tensors) <= set(pre):
+            values = {k: pre[k] for k in tensors}  # everything was read with the trigger values
+        else:
+            values = sync_to_host(tensors, extra_values)
         timings["reduce_sync"] = time.perf_counter() - t
 
         report = self._proposal(values, estimator, measure, loss if not self._distributed else None)
@@ -333,7 +338,9 @@ class GuardEngine:
 
     # ---------------------------------------------------------------- schedule
 
-    def _due(self, delta: list[Tensor], tau: Tensor, timings: dict[str, float]) -> tuple[bool, str]:
+    def _due(
+        self, delta: list[Tensor], tau: Tensor, timings: dict[str, float], loss: Any = None
+    ) -> tuple[bool, str]:
         """Whether this step gets a fresh JVP (see :class:`~stepguard.schedule.MeasurementSchedule`)."""
         schedule = self.schedule
         if not schedule.needs_triggers:
@@ -342,10 +349,15 @@ class GuardEngine:
             return True, "first"
         t = time.perf_counter()
         probe = {"tau": tau}
+        if self._grad_norm is not None:
+            probe["grad_norm"] = self._grad_norm
+        if isinstance(loss, Tensor) and loss.numel() == 1:
+            probe["loss"] = loss.detach().reshape(())
         sketch = self._sketch(delta)
         if sketch is not None:
             probe["cosine"] = _cosine(sketch, self._sketch_ref)
         pre = sync_to_host(probe, {})
+        self._pre = pre
         timings["trigger"] = time.perf_counter() - t
         tau_value = pre["tau"]
         rho = self._last_rho
