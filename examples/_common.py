@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from stepguard.report import json_ready
+
 T = TypeVar("T")
 
 
@@ -49,21 +51,6 @@ def stats(values: Iterable[float]) -> dict[str, Any]:
 def cell(summary: Mapping[str, Any], fmt: str = ".3f") -> str:
     """A table cell ``"median [min, max]"`` from :func:`stats`."""
     return f"{summary['median']:{fmt}} [{summary['min']:{fmt}}, {summary['max']:{fmt}}]"
-
-
-def json_ready(value: Any) -> Any:
-    """Replace non-finite floats by the strings ``"nan"``, ``"inf"``, ``"-inf"`` (strict JSON)."""
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return value
-    if isinstance(value, Mapping):
-        return {str(k): json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_ready(v) for v in value]
-    return value
 
 
 def write_json(path: str | Path, payload: Mapping[str, Any]) -> Path:

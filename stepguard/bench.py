@@ -70,7 +70,7 @@ from torch import nn
 from stepguard.bench_models import BUILTIN, Workload, builtin_workload, user_workload
 from stepguard.config import GuardConfig
 from stepguard.guard import StepGuard
-from stepguard.report import StepReport
+from stepguard.report import StepReport, json_ready
 
 #: The overhead targets the benchmark reports against (ratios to a plain Adam step).
 TARGETS = {"every_1_ratio_max": 2.3, "budget_ratio_max": 1.10}
@@ -762,21 +762,11 @@ def _split_keys(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return [k for k in order if k in seen] + sorted(seen - set(order))
 
 
-def _json_ready(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, Mapping):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    return value
-
-
 def write_json(result: Mapping[str, Any], path: str | Path) -> Path:
     """Write a result as strict JSON (non-finite numbers as strings); returns the path."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(_json_ready(result), indent=1, allow_nan=False) + "\n")
+    out.write_text(json.dumps(json_ready(result), indent=1, allow_nan=False) + "\n")
     return out
 
 

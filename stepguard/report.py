@@ -170,7 +170,7 @@ class StepReport:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: non-finite floats become the strings ``"inf"``, ``"-inf"``, ``"nan"``."""
-        return _json_ready(dataclasses.asdict(self))
+        return json_ready(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StepReport:
@@ -189,7 +189,8 @@ class StepReport:
         return cls(**values)
 
 
-def _json_ready(value: Any) -> Any:
+def json_ready(value: Any) -> Any:
+    """Non-finite floats become the strings ``"nan"``, ``"inf"``, ``"-inf"``, recursively (strict JSON)."""
     if isinstance(value, float):
         if math.isnan(value):
             return "nan"
@@ -197,9 +198,9 @@ def _json_ready(value: Any) -> Any:
             return "inf" if value > 0 else "-inf"
         return value
     if isinstance(value, Mapping):
-        return {str(k): _json_ready(v) for k, v in value.items()}
+        return {str(k): json_ready(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
+        return [json_ready(v) for v in value]
     return value
 
 
