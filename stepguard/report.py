@@ -151,7 +151,8 @@ class StepReport:
     def scalars(self) -> dict[str, float]:
         """Every numeric field as a flat ``name → float`` mapping (for sinks).
 
-        Optional fields that are ``None`` are left out; nested mappings are flattened with
+        Optional fields that are ``None`` are left out, and so are the decision's text and
+        its ``halt`` flag (a halted run stops at that step); nested mappings are flattened with
         a dot (``entanglement.gram.chosen.rejected``, ``extras.loss.base``,
         ``timings.jvp``); the spread summary appears as ``spread.max`` and so on.
         """
@@ -164,7 +165,7 @@ class StepReport:
                 for s in dataclasses.fields(SpreadSummary):
                     if s.name != "values":
                         out[f"spread.{s.name}"] = float(getattr(value, s.name))
-            elif isinstance(value, (bool, int, float)) and f.name not in ("rank", "world_size"):
+            elif isinstance(value, (bool, int, float)) and f.name not in ("rank", "world_size", "halt"):
                 out[f.name] = float(value)
         return out
 

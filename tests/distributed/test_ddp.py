@@ -61,6 +61,9 @@ def _worker(rank: int, store: str, out: str, policy: str, budget: float | None) 
         torch.save({"reports": reports, "params": flat}, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+    # gloo's threads can abort the interpreter's teardown ("terminate called without an
+    # active exception") after the work is done and saved; leave without that teardown
+    os._exit(0)
 
 
 def _run(tmp_path: Path, policy: str, budget: float | None) -> list[dict]:

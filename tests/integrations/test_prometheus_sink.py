@@ -204,6 +204,13 @@ def test_only_rank_zero_exports_by_default(report: Any, helpers: Any) -> None:
 
 def test_per_rank_export_labels_and_offsets_the_port(report: Any, helpers: Any) -> None:
     base = helpers.free_port()
+    for _ in range(20):  # the second rank serves on base + 1, which must be free too
+        try:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", base + 1))
+            break
+        except OSError:
+            base = helpers.free_port()
     sinks = [PrometheusSink(port=base, per_rank=True, rank=r, local_rank=r, run="ddp")
              for r in (0, 1)]
     try:
