@@ -28,9 +28,7 @@ def z_scores(logits: Tensor, eps: float = 1e-12) -> Tensor:
     return (logits - mean) / torch.sqrt(var.clamp(min=eps))
 
 
-def spherical_z_loss(
-    logits: Tensor, target: Tensor, a: float, b: float, reduction: str = "mean"
-) -> Tensor:
+def spherical_z_loss(logits: Tensor, target: Tensor, a: float, b: float, reduction: str = "mean") -> Tensor:
     """``softplus(a·(b − z_y))/a`` with z the per-row z-scores of the logits."""
     check_logits_target(logits, target)
     if a <= 0:
@@ -95,9 +93,7 @@ def cross_entropy_with_z_loss(
     """
     check_logits_target(logits, target)
     ce = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction=reduction)
-    z = logz_squared_penalty(
-        logits, multiplier, reduction, target=target, ignore_index=ignore_index
-    )
+    z = logz_squared_penalty(logits, multiplier, reduction, target=target, ignore_index=ignore_index)
     return ce, z
 
 
@@ -124,9 +120,7 @@ class SphericalZLoss(GuardedLoss):
         accumulation_steps: see :class:`~stepguard.losses.base.GuardedLoss`.
     """
 
-    def __init__(
-        self, a: float, b: float, reduction: str = "mean", *, accumulation_steps: int = 1
-    ) -> None:
+    def __init__(self, a: float, b: float, reduction: str = "mean", *, accumulation_steps: int = 1) -> None:
         super().__init__(accumulation_steps=accumulation_steps)
         if a <= 0:
             raise ValueError(f"a must be positive, got {a}")
@@ -149,7 +143,26 @@ class SphericalZLoss(GuardedLoss):
         return self.a * (z_y - self.b)
 
 
-class LogZSquaredPenalty(GuardedLoss):
+class _LogZLoss(GuardedLoss):
+    """Shared hyperparameters of the log²Z losses: multiplier z, reduction, ignore_index."""
+
+    def __init__(
+        self,
+        multiplier: float = 1e-4,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        *,
+        accumulation_steps: int = 1,
+    ) -> None:
+        super().__init__(accumulation_steps=accumulation_steps)
+        if multiplier < 0:
+            raise ValueError(f"multiplier must be >= 0, got {multiplier}")
+        self.multiplier = float(multiplier)
+        self.reduction = check_reduction(reduction)
+        self.ignore_index = ignore_index
+
+
+class LogZSquaredPenalty(_LogZLoss):
     r"""PaLM's auxiliary z-loss $z\cdot(\log Z)^2$, $\log Z=\operatorname{logsumexp}_j h_j$.
 
     Added to cross-entropy, it keeps the log-partition near 0 (PaLM: z = 1e−4). Rows whose
@@ -167,21 +180,6 @@ class LogZSquaredPenalty(GuardedLoss):
         accumulation_steps: see :class:`~stepguard.losses.base.GuardedLoss`.
     """
 
-    def __init__(
-        self,
-        multiplier: float = 1e-4,
-        reduction: str = "mean",
-        ignore_index: int = -100,
-        *,
-        accumulation_steps: int = 1,
-    ) -> None:
-        super().__init__(accumulation_steps=accumulation_steps)
-        if multiplier < 0:
-            raise ValueError(f"multiplier must be >= 0, got {multiplier}")
-        self.multiplier = float(multiplier)
-        self.reduction = check_reduction(reduction)
-        self.ignore_index = ignore_index
-
     def forward(self, logits: Tensor, target: Tensor | None = None) -> Tensor:
         loss = logz_squared_penalty(
             logits, self.multiplier, self.reduction, target=target, ignore_index=self.ignore_index
@@ -192,7 +190,7 @@ class LogZSquaredPenalty(GuardedLoss):
         return loss
 
 
-class CrossEntropyWithZLoss(GuardedLoss):
+class CrossEntropyWithZLoss(_LogZLoss):
     r"""Cross-entropy plus PaLM's log²Z penalty: $\mathrm{CE}+z(\log Z)^2$.
 
     Paper: Chowdhery et al., "PaLM: Scaling Language Modeling with Pathways"
@@ -207,24 +205,7 @@ class CrossEntropyWithZLoss(GuardedLoss):
         accumulation_steps: see :class:`~stepguard.losses.base.GuardedLoss`.
     """
 
-    def __init__(
-        self,
-        multiplier: float = 1e-4,
-        reduction: str = "mean",
-        ignore_index: int = -100,
-        *,
-        accumulation_steps: int = 1,
-    ) -> None:
-        super().__init__(accumulation_steps=accumulation_steps)
-        if multiplier < 0:
-            raise ValueError(f"multiplier must be >= 0, got {multiplier}")
-        self.multiplier = float(multiplier)
-        self.reduction = check_reduction(reduction)
-        self.ignore_index = ignore_index
-
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        ce, z = cross_entropy_with_z_loss(
-            logits, target, self.multiplier, self.reduction, self.ignore_index
-        )
+        ce, z = cross_entropy_with_z_loss(logits, target, self.multiplier, self.reduction, self.ignore_index)
         self._record(cross_entropy=ce, z_loss=z)
         return ce + z
