@@ -10,7 +10,6 @@ after_step():   Δθ = θ₁ − θ₀, τ = ‖Δθ‖ → JVP at θ₀ along �
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import math
 import time
@@ -22,15 +21,16 @@ from torch import Tensor, nn
 
 from stepguard.capture import ForwardCapture, unwrap_model
 from stepguard.config import GuardConfig
-from stepguard.diagnostics import EntanglementProbe, update_param_cosine
+from stepguard.diagnostics import EntanglementProbe
 from stepguard.distributed import is_distributed, rank_and_world, reduce_across_ranks
 from stepguard.geometry.jvp import Batch
 from stepguard.geometry.logits import LogitsFn
 from stepguard.measure import build_report, global_norm, measure_update, sync_to_host
 from stepguard.policy import Policy, resolve_policy
-from stepguard.report import ACTIONS, Decision, StepReport
+from stepguard.report import ACTIONS, Decision, StepReport, evolve
 from stepguard.schedule import MeasurementSchedule
 from stepguard.sinks.base import Sink, SinkSet
+from stepguard.snapshot import ParameterSnapshot, Update
 
 logger = logging.getLogger("stepguard")
 
@@ -144,10 +144,8 @@ class GuardEngine:
         self._estimator = self.config.estimator
         self._last_rho: float | None = None
         self._observed: dict[str, Any] = {}
-        self._params: list[Tensor] = []
-        self._theta0: list[Tensor] = []
+        self._snapshot = ParameterSnapshot()
         self._state_backup: dict[Tensor, dict[str, Any] | None] | None = None
-        self._grad_norm: Tensor | None = None
         self._t_before = 0.0
         self._snap_seconds = 0.0
         self._in_step = False
@@ -160,10 +158,10 @@ class GuardEngine:
             r_alert=cfg.r_alert,
             min_cosine=cfg.min_cosine,
         )
-        self._sketch_index: list[Tensor] | None = None
+        self._sketch_index: list[Tensor] = []
         self._pre: dict[str, Any] | None = None
         self._layout_cache: tuple[Any, list[tuple[str, Tensor, int | None]]] | None = None
-        self._sketch_ref: Tensor | None = None
+        self._sketch_ref: tuple[Tensor, Tensor] | None = None
         self._idle_cost: float | None = None
         self._period: float | None = None
         self._last_end: float | None = None
@@ -209,16 +207,10 @@ class GuardEngine:
         start = time.perf_counter()
         self._in_step = True
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        if len(params) != len(self._params) or any(
-            a is not b for a, b in zip(params, self._params, strict=True)
-        ):
-            self._params = params
-            self._theta0 = [torch.empty_like(p) for p in params]
-        with torch.no_grad():
-            if params:
-                torch._foreach_copy_(self._theta0, [p.detach() for p in params])
-            grads = [p.grad for p in params if p.grad is not None]
-            self._grad_norm = global_norm(grads) if grads else None
+        if self._snapshot.bind(params):
+            self._sketch_index = []
+            self._sketch_ref = None
+        self._snapshot.take()
         if self.policy.may_veto and self.config.restore_state_on_veto:
             self._state_backup = self._backup_state(params)
         else:
@@ -237,30 +229,31 @@ class GuardEngine:
         if loss is None:
             loss = observed.get("loss")
 
-        params, theta0 = self._params, self._theta0
-        with torch.no_grad():
-            delta = torch._foreach_sub([p.detach() for p in params], theta0) if params else []
-            tau_t = global_norm(delta) if delta else torch.zeros(())
+        update = self._snapshot.difference() if self._snapshot.params else None
+        tau_t = update.tau if update is not None else torch.zeros(())
         timings["diff"] = time.perf_counter() - started
 
-        measure, why = self._due(delta, tau_t, timings, loss)
+        measure, why = self._due(update, tau_t, timings, loss)
         t = time.perf_counter()
         tensors: dict[str, Tensor] = {"tau": tau_t}
         extra_values: dict[str, Tensor] = {}
         estimator = "estimate"
         if measure:
-            estimator, scalars, extra_values = self._measure(params, theta0, delta, tau_t, observed)
+            estimator, scalars, extra_values = self._measure(update, tau_t, observed)
             tensors.update(scalars)
-            if self.schedule.needs_triggers:
-                self._sketch_ref = self._sketch(delta)
+            if update is not None:
+                tensors["update_param_cosine"] = update.cosine_with_theta0()
+                if self.schedule.needs_triggers:
+                    self._sketch_ref = _unit(self._sketch(update))
         timings["measure"] = time.perf_counter() - t
-        if self._grad_norm is not None:
-            tensors["grad_norm"] = self._grad_norm
-        if params and measure:
-            tensors["update_param_cosine"] = update_param_cosine(delta, theta0)
+        if measure:
+            with torch.no_grad():
+                grads = [p.grad for p in self._snapshot.params if p.grad is not None]
+                if grads:
+                    tensors["grad_norm"] = global_norm(grads)
         entangled: list[str] = []
-        if observed.get("watched") and self._probe is not None:
-            self._probe.realized(delta)
+        if observed.get("watched") and self._probe is not None and update is not None:
+            self._probe.realized(update.views())
             for name, value in self._probe.scalars().items():
                 entangled.append(name)
                 tensors[f"entanglement.{name}"] = value
@@ -290,13 +283,12 @@ class GuardEngine:
             values = sync_to_host(tensors, extra_values)
         timings["reduce_sync"] = time.perf_counter() - t
 
-        report = self._proposal(values, estimator, measure, loss if not self._distributed else None)
-        extras = {n[len("extras.") :]: v for n, v in values.items() if n.startswith("extras.")}
-        report = dataclasses.replace(report, rank=self._rank, world_size=self._world, extras=extras)
+        fields: dict[str, Any] = {"rank": self._rank, "world_size": self._world}
+        if components:
+            fields["extras"] = {n[len("extras.") :]: v for n, v in values.items() if n.startswith("extras.")}
         if entangled:
-            report = dataclasses.replace(
-                report, entanglement={n: values[f"entanglement.{n}"] for n in entangled}
-            )
+            fields["entanglement"] = {n: values[f"entanglement.{n}"] for n in entangled}
+        report = self._proposal(values, estimator, measure, loss if not self._distributed else None, fields)
         t = time.perf_counter()
         decision = self.policy.decide(report)
         if not isinstance(decision, Decision):
@@ -307,19 +299,21 @@ class GuardEngine:
         timings["decide"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        self._commit(decision, params, theta0, delta)
+        self._commit(decision, update)
         timings["commit"] = time.perf_counter() - t
         self._account(measure, values, timings)
 
         self.counters[decision.action] += 1
         if decision.rule is not None:
             self.rule_counters[decision.rule] = self.rule_counters.get(decision.rule, 0) + 1
-        entanglement = {
-            n: v * decision.scale if n.startswith("realized.") else v for n, v in report.entanglement.items()
-        }
-        report = dataclasses.replace(
+        if report.entanglement:
+            fields["entanglement"] = {
+                n: v * decision.scale if n.startswith("realized.") else v
+                for n, v in report.entanglement.items()
+            }
+        report = evolve(
             report,
-            entanglement=entanglement,
+            **{k: v for k, v in fields.items() if k == "entanglement"},
             action=decision.action,
             scale=decision.scale,
             applied_tau=report.tau * decision.scale if decision.scale else 0.0,
@@ -339,7 +333,7 @@ class GuardEngine:
     # ---------------------------------------------------------------- schedule
 
     def _due(
-        self, delta: list[Tensor], tau: Tensor, timings: dict[str, float], loss: Any = None
+        self, update: Update | None, tau: Tensor, timings: dict[str, float], loss: Any = None
     ) -> tuple[bool, str]:
         """Whether this step gets a fresh JVP (see :class:`~stepguard.schedule.MeasurementSchedule`)."""
         schedule = self.schedule
@@ -348,38 +342,37 @@ class GuardEngine:
         if self._last_rho is None or self._sketch_ref is None:
             return True, "first"
         t = time.perf_counter()
-        probe = {"tau": tau}
-        if self._grad_norm is not None:
-            probe["grad_norm"] = self._grad_norm
+        names = ["tau"]
+        parts = [tau]
         if isinstance(loss, Tensor) and loss.numel() == 1:
-            probe["loss"] = loss.detach().reshape(())
-        sketch = self._sketch(delta)
+            names.append("loss")
+            parts.append(loss.detach().reshape(()))
+        sketch = self._sketch(update)
         if sketch is not None:
-            probe["cosine"] = _cosine(sketch, self._sketch_ref)
-        pre = sync_to_host(probe, {})
+            parts += [sketch @ self._sketch_ref[0], torch.linalg.vector_norm(sketch), self._sketch_ref[1]]
+        numbers = torch.stack(parts).tolist() if len({p.device for p in parts}) == 1 else [
+            float(p) for p in parts
+        ]
+        pre = dict(zip(names, numbers, strict=False))
+        cosine = None
+        if sketch is not None:
+            along, length, reference = numbers[-3:]
+            cosine = along / length if length > 0 and reference > 0 else 1.0
         self._pre = pre
         timings["trigger"] = time.perf_counter() - t
         tau_value = pre["tau"]
         rho = self._last_rho
         estimate = 0.0 if rho == math.inf else (tau_value / rho if rho > 0 else math.nan)
-        due, why = schedule.due(tau_value, estimate, pre.get("cosine"))
+        due, why = schedule.due(tau_value, estimate, cosine)
         return due, why
 
-    def _sketch(self, delta: list[Tensor]) -> Tensor | None:
-        """A fixed random sample of Δθ's coordinates, to tell when the direction turns."""
-        if not delta:
+    def _sketch(self, update: Update | None) -> Tensor | None:
+        """Δθ at a fixed uniform sample of coordinates, to tell when the direction turns."""
+        if update is None:
             return None
-        if self._sketch_index is None or len(self._sketch_index) != len(delta):
-            gen = torch.Generator().manual_seed(0)
-            self._sketch_index = [
-                torch.randperm(d.numel(), generator=gen)[:_SKETCH_PER_TENSOR].clone().to(d.device)
-                for d in delta
-            ]
-        parts = [
-            d.reshape(-1).index_select(0, i).to(torch.float64)
-            for d, i in zip(delta, self._sketch_index, strict=True)
-        ]
-        return torch.cat(parts)
+        if not self._sketch_index:
+            self._sketch_index = self._snapshot.sketch_indices(_SKETCH_SIZE)
+        return update.sketch(self._sketch_index)
 
     def _cost_tensors(self, measure_seconds: float, like: Tensor) -> dict[str, Tensor]:
         def as_tensor(x: float | None) -> Tensor:
@@ -436,12 +429,7 @@ class GuardEngine:
         return batch
 
     def _measure(
-        self,
-        params: list[Tensor],
-        theta0: list[Tensor],
-        delta: list[Tensor],
-        tau: Tensor,
-        observed: Mapping[str, Any],
+        self, update: Update | None, tau: Tensor, observed: Mapping[str, Any]
     ) -> tuple[str, dict[str, Tensor], dict[str, Tensor]]:
         if self.model is None:
             raise NoBatchError(
@@ -457,15 +445,17 @@ class GuardEngine:
         if self._head is not None:
             self._head.targets = observed.get("targets")
             measured, logits_fn = self._head, None
+        theta0 = self._snapshot.theta0
+        delta = update.views() if update is not None else []
         primals: dict[str, Tensor] = {}
-        update: dict[str, Tensor] = {}
-        for name, p, i in self._layout(measured, params):
+        tangent: dict[str, Tensor] = {}
+        for name, p, i in self._layout(measured, self._snapshot.params):
             primals[name] = p.detach() if i is None else theta0[i]
-            update[name] = torch.zeros_like(p) if i is None else delta[i]
+            tangent[name] = torch.zeros_like(p) if i is None else delta[i]
         used, scalars, vectors = measure_update(
             measured,
             primals,
-            update,
+            tangent,
             tau,
             batch,
             config=self.config,
@@ -490,7 +480,9 @@ class GuardEngine:
 
     # ---------------------------------------------------------------- decision
 
-    def _proposal(self, values: dict[str, Any], estimator: str, measured: bool, loss: Any) -> StepReport:
+    def _proposal(
+        self, values: dict[str, Any], estimator: str, measured: bool, loss: Any, fields: Mapping[str, Any]
+    ) -> StepReport:
         lr = self.optimizer.param_groups[0].get("lr") if self.optimizer.param_groups else None
         report = build_report(
             values,
@@ -501,21 +493,20 @@ class GuardEngine:
             loss=loss,
             binding_k=self.config.binding_k,
             lr=float(lr) if lr is not None else None,
+            **fields,
         )
         if measured and (math.isfinite(report.rho_a) or report.rho_a == math.inf):
             self._last_rho = report.rho_a
         return report
 
-    def _commit(
-        self, decision: Decision, params: list[Tensor], theta0: list[Tensor], delta: list[Tensor]
-    ) -> None:
-        if decision.action == "allow" or not params:
+    def _commit(self, decision: Decision, update: Update | None) -> None:
+        if decision.action == "allow" or update is None:
             return
         with torch.no_grad():
-            live = [p.detach() for p in params]
-            torch._foreach_copy_(live, theta0)
+            live = self._snapshot.params
+            torch._foreach_copy_(live, self._snapshot.theta0)
             if decision.action == "clip":
-                torch._foreach_add_(live, delta, alpha=decision.scale)
+                torch._foreach_add_(live, update.views(), alpha=decision.scale)
         if decision.action == "veto" and decision.restore_state:
             if self._state_backup is not None:
                 self._restore_state(self._state_backup)
@@ -601,12 +592,15 @@ class GuardEngine:
         self.sinks.close()
 
 
-_SKETCH_PER_TENSOR = 256
+_SKETCH_SIZE = 4096
 
 
-def _cosine(a: Tensor, b: Tensor) -> Tensor:
-    denominator = torch.linalg.vector_norm(a) * torch.linalg.vector_norm(b)
-    return torch.where(denominator > 0, (a @ b) / denominator, torch.ones_like(denominator))
+def _unit(v: Tensor | None) -> tuple[Tensor, Tensor] | None:
+    """(v/‖v‖, ‖v‖); a zero v stays zero, and a cosine against it reads as 1 ("no turn")."""
+    if v is None:
+        return None
+    norm = torch.linalg.vector_norm(v)
+    return torch.where(norm > 0, v / torch.where(norm > 0, norm, 1.0), v), norm
 
 
 def _ema(old: float | None, new: float, decay: float = 0.8) -> float:

@@ -25,12 +25,15 @@ QUANTILES = (0.99, 0.9, 0.5)
 
 
 def global_norm(tensors: list[Tensor]) -> Tensor:
-    """‖(t₁, …, t_n)‖₂ with foreach kernels, in float64 when any tensor is float64."""
+    """‖(t₁, …, t_n)‖₂ with foreach kernels, in float64 when any tensor is float64, else float32."""
     if not tensors:
         return torch.zeros(())
-    norms = torch._foreach_norm(tensors, 2)
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]), 2)
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64}:
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, 2)), 2)
+    wide = torch.float64 if torch.float64 in dtypes else torch.float32
+    norms = [torch.linalg.vector_norm(t, dtype=None if t.dtype == torch.float64 else wide) for t in tensors]
+    return torch.linalg.vector_norm(torch.stack([n.to(wide) for n in norms]), 2)
 
 
 def measure_update(
@@ -97,13 +100,11 @@ def step_geometry(
 
     Everything stays on the device as tensors; see :func:`sync_to_host`. When there are at
     most ``config.max_spread_values`` rows and ``summarize_on_host`` is set, the per-row
-    spreads and top-2 radii travel to the host whole (they are small) and
-    :func:`build_report` summarizes them there, which saves a dozen tiny device ops; the
-    numbers are the same either way (tested). Cross-rank reduction needs the summaries as
-    tensors, so the guard turns this off under ``torch.distributed``. The per-row
-    quantities come from :func:`row_statistics`, one fused pass that the tests check
-    against the reference definitions (:func:`~stepguard.geometry.formulas.top2_radius`,
-    :func:`~stepguard.diagnostics.softmax_collapse_stats`, :func:`~stepguard.diagnostics.nlm_cosine`).
+    columns of :func:`row_columns` travel to the host whole (as ``rows.<name>`` vectors,
+    with ``binary`` a plain bool) and :func:`build_report` reduces them there: on small
+    batches the dozen reductions cost more as device ops than the transfer. The numbers
+    agree with the device path to rounding (tested). Cross-rank reduction needs the
+    summaries as tensors, so the guard turns this off under ``torch.distributed``.
     """
     z, a, y, positions = to_rows(
         logits, velocity, mask=mask, targets=targets, ignore_index=config.ignore_index
@@ -113,19 +114,19 @@ def step_geometry(
         z, a = z / config.temperature, a / config.temperature
     device = a.device
     count = z.shape[0]
-    empty = torch.zeros(0, dtype=torch.float64, device=device)
     if count == 0:
+        empty = torch.zeros(0, dtype=torch.float64, device=device)
         zero = torch.zeros((), dtype=torch.float64, device=device)
         return {"delta_a": zero, "count": zero}, {"binding": empty, "values": empty}
-    rows = row_statistics(z, a, y)
-    spread = rows.pop("spread").to(torch.float64)
-    top2 = rows.pop("top2").to(torch.float64)
+    columns = row_columns(z, a, y)
     if summarize_on_host and count <= config.max_spread_values:
-        scalars = {"count": torch.tensor(float(count), dtype=torch.float64, device=device), **rows}
-        if z.shape[-1] <= 2:
-            scalars["binary"] = torch.ones((), dtype=torch.float64, device=device)
-        where = positions.to(torch.float64) if positions is not None else empty
-        return scalars, {"values": spread, "top2": top2, "positions": where}
+        vectors: dict[str, Any] = {f"rows.{name}": column for name, column in columns.items()}
+        if positions is not None:
+            vectors["positions"] = positions
+        vectors["binary"] = z.shape[-1] <= 2
+        return {}, vectors
+    spread = columns["spread"].to(torch.float64)
+    top2 = columns["top2"].to(torch.float64)
     ordered = spread.sort().values
     scalars: dict[str, Tensor] = {
         "delta_a": ordered[-1],
@@ -134,11 +135,12 @@ def step_geometry(
         "spread_min": ordered[0],
         "spread_q": _quantiles(ordered, is_sorted=True),
         "rho_top2": top2.min(),
-        **rows,
+        **_reduce_columns(columns),
     }
     if z.shape[-1] <= 2:
         scalars["rho_binary"] = scalars["rho_top2"]
     k = min(config.binding_k, count)
+    empty = torch.zeros(0, dtype=torch.float64, device=device)
     binding = torch.topk(top2, k, largest=False).indices if k else empty
     if positions is not None and k:
         binding = positions[binding]
@@ -146,70 +148,102 @@ def step_geometry(
     return scalars, {"binding": binding.to(torch.float64), "values": values}
 
 
-def row_statistics(z: Tensor, a: Tensor, targets: Tensor | None) -> dict[str, Tensor]:
-    """Every per-row quantity of one step in a single pass over (M, K) logits and velocities.
+def row_columns(z: Tensor, a: Tensor, targets: Tensor | None) -> dict[str, Tensor]:
+    """Every per-row quantity of one step, one (M,) column each, in as few tensor ops as it takes.
 
     * ``spread``: Δ_n = max_k a − min_k a (|a| for a one-logit head).
     * ``top2``: √(δ_n² + π²)/|s_n| with y the target (the top class without targets), c the
-      strongest other class, δ = z_y − z_c, s = a_c − a_y (the binary radius for K ≤ 2).
-    * for K ≥ 2, the softmax-collapse set of ``softmax_collapse_stats``: ``sc_fraction``
-      (Σ_j exp(z_j − max z) = 1 in the logits' dtype), ``sc_zero_loss_fraction`` (with
-      targets: collapsed and the target is the top class, i.e. CE = 0 exactly),
-      ``max_logit_gap``, ``logz_mean``, ``logz_sq_mean``; and ``nlm_cosine``, the mean
-      centred cosine between a_n and z_n.
+      strongest other class, δ = z_y − z_c, s = a_c − a_y (the binary radius for K ≤ 2);
+      +inf where s = 0.
+    * for K ≥ 2: ``collapsed`` (Σ_j exp(z_j − max z) = 1 in the logits' dtype: softmax
+      collapse), ``zero_loss`` (with targets: collapsed and the target on top, i.e. CE = 0
+      exactly), ``log_z`` = log Σ_j exp z_j, ``gap`` = top-1 − top-2 logit, and ``nlm``,
+      the centred cosine between a_n and z_n (0 where either is constant).
+
+    The cross-entropy-free identities used: log Z = max z + log Σ exp(z − max z), sharing
+    the sum that decides collapse (float32 or wider; half-precision logits get their own
+    float32 sum for log Z, their collapse is decided in their own dtype).
     """
     if z.shape[-1] == 1:
         s, slope = z[:, 0], a[:, 0]
         return {"spread": slope.abs(), "top2": _modulus(s, slope)}
+    best = z.topk(2, dim=-1)
+    first, second = best.values[:, 0], best.values[:, 1]
+    top_index = best.indices[:, 0]
+    y = targets.to(z.device, torch.long) if targets is not None else None
     if z.shape[-1] == 2:
-        s, slope = z[:, 1] - z[:, 0], a[:, 1] - a[:, 0]
-        top2 = _modulus(s, slope)
+        slope = a[:, 1] - a[:, 0]
+        top2 = _modulus(z[:, 1] - z[:, 0], slope)
         spread = slope.abs()
     else:
         low, high = torch.aminmax(a, dim=-1)
         spread = high - low
-        top2 = None
-    best = z.topk(2, dim=-1)
-    first, second = best.values[:, 0], best.values[:, 1]
-    if top2 is None:
-        if targets is None:
-            y, c, margin = best.indices[:, 0], best.indices[:, 1], first - second
-        else:
-            y = targets.to(z.device, torch.long)
-            on_top = best.indices[:, 0] == y
-            c = torch.where(on_top, best.indices[:, 1], best.indices[:, 0])
-            z_y = z.gather(1, y[:, None]).squeeze(1)
-            margin = z_y - torch.where(on_top, second, first)
-        pair = a.gather(1, torch.stack([y, c], dim=1))
+        if y is None:
+            pair_index, margin = best.indices, first - second
+        else:  # c: the strongest class other than y
+            c = torch.where(top_index == y, best.indices[:, 1], top_index)
+            pair_index = torch.stack([y, c], dim=1)
+            pair_z = z.gather(1, pair_index)
+            margin = pair_z[:, 0] - pair_z[:, 1]
+        pair = a.gather(1, pair_index)
         top2 = _modulus(margin, pair[:, 1] - pair[:, 0])
     wide = torch.float64 if z.dtype == torch.float64 else torch.float32
-    total = torch.exp(z - first[:, None]).sum(dim=-1)
+    total = (z - best.values[:, :1]).exp().sum(dim=-1)
     collapsed = total == 1
-    log_z = torch.logsumexp(z.to(wide), dim=-1)
+    if z.dtype == wide:
+        log_z = first + total.log()
+    else:
+        zw = z.to(wide)
+        log_z = zw.amax(dim=-1) + (zw - zw.amax(dim=-1, keepdim=True)).exp().sum(dim=-1).log()
+    both = torch.stack([z, a]) if z.dtype == a.dtype == wide else torch.stack([z.to(wide), a.to(wide)])
+    both = both - both.mean(dim=-1, keepdim=True)
+    den = torch.linalg.vector_norm(both, dim=-1).prod(dim=0)
     out = {
         "spread": spread,
         "top2": top2,
-        "sc_fraction": collapsed.to(wide).mean(),
-        "max_logit_gap": (first.to(wide) - second.to(wide)).max(),
-        "logz_mean": log_z.mean(),
-        "logz_sq_mean": log_z.square().mean(),
+        "collapsed": collapsed,
+        "log_z": log_z,
+        "gap": first - second if z.dtype == wide else first.to(wide) - second.to(wide),
+        "nlm": torch.nan_to_num(torch.linalg.vecdot(both[0], both[1]) / den, nan=0.0),
     }
-    if targets is not None:
-        y = targets.to(z.device, torch.long)
-        out["sc_zero_loss_fraction"] = (collapsed & (best.indices[:, 0] == y)).to(wide).mean()
-    zc = z.to(wide)
-    ac = a.to(wide)
-    zc = zc - zc.mean(dim=-1, keepdim=True)
-    ac = ac - ac.mean(dim=-1, keepdim=True)
-    den = torch.linalg.vector_norm(zc, dim=-1) * torch.linalg.vector_norm(ac, dim=-1)
-    cos = torch.where(den > 0, (zc * ac).sum(dim=-1) / torch.where(den > 0, den, 1), 0)
-    out["nlm_cosine"] = cos.mean()
+    if y is not None:
+        out["zero_loss"] = collapsed & (top_index == y)
     return out
 
 
+def _reduce_columns(columns: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The batch means and maxima of the diagnostic columns (device tensors)."""
+    if "collapsed" not in columns:
+        return {}
+    log_z = columns["log_z"]
+    wide = log_z.dtype
+    out = {
+        "sc_fraction": columns["collapsed"].to(wide).mean(),
+        "max_logit_gap": columns["gap"].max(),
+        "logz_mean": log_z.mean(),
+        "logz_sq_mean": log_z.square().mean(),
+        "nlm_cosine": columns["nlm"].mean(),
+    }
+    if "zero_loss" in columns:
+        out["sc_zero_loss_fraction"] = columns["zero_loss"].to(wide).mean()
+    return out
+
+
+def row_statistics(z: Tensor, a: Tensor, targets: Tensor | None) -> dict[str, Tensor]:
+    """Per-row ``spread`` and ``top2`` of :func:`row_columns` and the batch reductions of the rest.
+
+    Keys: ``spread``, ``top2`` and, for K ≥ 2, ``sc_fraction``, ``sc_zero_loss_fraction``
+    (with targets), ``max_logit_gap``, ``logz_mean``, ``logz_sq_mean`` and ``nlm_cosine``:
+    the set of :func:`~stepguard.diagnostics.softmax_collapse_stats` and
+    :func:`~stepguard.diagnostics.nlm_cosine`, against which the tests check it.
+    """
+    columns = row_columns(z, a, targets)
+    return {"spread": columns["spread"], "top2": columns["top2"], **_reduce_columns(columns)}
+
+
 def _modulus(margin: Tensor, slope: Tensor) -> Tensor:
-    modulus = torch.sqrt(margin * margin + PI * PI)
-    return torch.where(slope != 0, modulus / slope.abs(), torch.full_like(modulus, math.inf))
+    """√(margin² + π²)/|slope|: +inf where the slope is 0 (the numerator is at least π)."""
+    return (margin * margin + PI * PI).sqrt() / slope.abs()
 
 
 def _quantiles(spread: Tensor, *, is_sorted: bool = False) -> Tensor:
@@ -225,67 +259,86 @@ def _quantiles(spread: Tensor, *, is_sorted: bool = False) -> Tensor:
     return torch.stack(out)
 
 
-def sync_to_host(scalars: Mapping[str, Tensor], vectors: Mapping[str, Tensor]) -> dict[str, Any]:
-    """Bring every measured number to the host in one transfer.
+def sync_to_host(scalars: Mapping[str, Tensor], vectors: Mapping[str, Any]) -> dict[str, Any]:
+    """Bring every measured number to the host in one transfer (one ``cat``, one ``tolist``).
 
     Scalars become floats; ``vectors`` entries and ``spread_q`` become lists of floats.
+    Entries of ``vectors`` that are not tensors (host-side facts such as ``binary``) pass
+    through unchanged. Values keep their precision: the concatenation takes the widest
+    floating dtype present, and integer tensors (row positions) are widened to float64
+    first, so no index loses digits.
     """
-    names: list[tuple[str, int]] = []
-    parts: list[Tensor] = []
-    device = next(iter(scalars.values())).device
-    zero_d: dict[torch.dtype, list[Tensor]] = {}
-    for value in scalars.values():
-        if value.ndim == 0 and value.device == device:
-            zero_d.setdefault(value.dtype, []).append(value)
-    stacked = {dtype: torch.stack(group).to(torch.float64) for dtype, group in zero_d.items()}
-    taken = dict.fromkeys(stacked, 0)
-    for name, value in {**scalars, **vectors}.items():
-        if name in scalars and value.ndim == 0 and value.device == device:
-            i = taken[value.dtype]
-            taken[value.dtype] = i + 1
-            flat = stacked[value.dtype][i : i + 1]
-        else:
-            flat = value.detach().reshape(-1).to(device=device, dtype=torch.float64)
-        names.append((name, flat.numel()))
-        parts.append(flat)
-    numbers = torch.cat(parts).tolist() if parts else []
     out: dict[str, Any] = {}
+    layout: list[tuple[str, int, bool]] = []
+    parts: list[Tensor] = []
+    device: torch.device | None = None
+    for is_vector, items in ((False, scalars.items()), (True, vectors.items())):
+        for name, value in items:
+            if not isinstance(value, Tensor):
+                out[name] = value
+                continue
+            flat = value.detach().reshape(-1)
+            if device is None:
+                device = flat.device
+            elif flat.device != device:
+                flat = flat.to(device)
+            if not flat.is_floating_point():
+                flat = flat.to(torch.float64)
+            layout.append((name, flat.numel(), is_vector or name == "spread_q"))
+            parts.append(flat)
+    if not parts:
+        return out
+    numbers = (torch.cat(parts) if len(parts) > 1 else parts[0]).tolist()
     offset = 0
-    for name, n in names:
-        chunk = numbers[offset : offset + n]
+    for name, n, as_list in layout:
+        out[name] = numbers[offset : offset + n] if as_list else numbers[offset]
         offset += n
-        out[name] = chunk if (name in vectors or name == "spread_q") else chunk[0]
     return out
 
 
 def _summarize_rows(values: Mapping[str, Any], binding_k: int) -> Mapping[str, Any]:
-    """Finish on the host what :func:`step_geometry` left as whole per-row vectors."""
-    if "top2" not in values:
+    """Finish on the host what :func:`step_geometry` left as whole per-row columns (``rows.*``)."""
+    spread = values.get("rows.spread")
+    if spread is None:
         return values
-    spread, top2 = values["values"], values["top2"]
-    out = dict(values)
+    out = {k: v for k, v in values.items() if not k.startswith("rows.")}
     if not spread:
         return out
+    top2 = values["rows.top2"]
+    count = len(spread)
     ordered = sorted(spread)
-    last = len(ordered) - 1
+    last = count - 1
     quantiles = []
     for q in QUANTILES:
         position = q * last
         low = int(position)
         high = min(low + 1, last)
         quantiles.append(ordered[low] + (ordered[high] - ordered[low]) * (position - low))
-    positions = values.get("positions") or range(len(top2))
-    order = sorted(range(len(top2)), key=lambda i: (top2[i], i))[: min(binding_k, len(top2))]
+    positions = values.get("positions") or range(count)
+    order = sorted(range(count), key=lambda i: (top2[i], i))[: min(binding_k, count)]
     out.update(
+        count=float(count),
+        values=spread,
         delta_a=ordered[-1],
         spread_min=ordered[0],
-        spread_mean=math.fsum(spread) / len(spread),
+        spread_mean=math.fsum(spread) / count,
         spread_q=quantiles,
         rho_top2=min(top2),
         binding=[positions[i] for i in order],
     )
     if values.get("binary"):
         out["rho_binary"] = out["rho_top2"]
+    if "rows.collapsed" in values:
+        log_z = values["rows.log_z"]
+        out.update(
+            sc_fraction=sum(values["rows.collapsed"]) / count,
+            max_logit_gap=max(values["rows.gap"]),
+            logz_mean=math.fsum(log_z) / count,
+            logz_sq_mean=math.fsum(x * x for x in log_z) / count,
+            nlm_cosine=math.fsum(values["rows.nlm"]) / count,
+        )
+        if "rows.zero_loss" in values:
+            out["sc_zero_loss_fraction"] = sum(values["rows.zero_loss"]) / count
     return out
 
 
@@ -300,8 +353,11 @@ def build_report(
     lr: float | None = None,
     source: Source = "live",
     binding_k: int = 5,
+    **fields: Any,
 ) -> StepReport:
     """The :class:`StepReport` of synced ``values`` (before any decision: ``action="allow"``).
+
+    ``fields`` are further :class:`StepReport` fields (``rank``, ``extras`` …).
 
     r = τ·Δ_a/π (so τ = 0 gives r = 0 even when ρ_a = +inf). On an unmeasured step
     (``measured=False``) r is estimated as τ/ρ_a(``last_rho``): ρ_a depends only on the
@@ -360,4 +416,5 @@ def build_report(
         logz_sq_mean=values.get("logz_sq_mean"),
         nlm_cosine=values.get("nlm_cosine"),
         source=source,
+        **fields,
     )

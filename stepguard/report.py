@@ -105,6 +105,11 @@ class StepReport:
     Stability", arXiv 2501.04697), gradient entanglement ("A Common Pitfall of
     Margin-based Language Model Alignment", arXiv 2410.13828) and loss components land in
     the optional fields and in ``extras``.
+
+    ``grad_norm`` (the gradient as the optimizer left it), ``update_param_cosine``, the
+    spread, radii and softmax-collapse fields come with a fresh measurement; on an
+    estimated step (``measured=False``) they are ``None`` (or empty) and the report carries
+    τ, the estimated r, the loss and the decision.
     """
 
     step: int
@@ -190,6 +195,22 @@ class StepReport:
         return cls(**values)
 
 
+def evolve(report: StepReport, **changes: Any) -> StepReport:
+    """``dataclasses.replace(report, **changes)`` for the guard's hot path.
+
+    A :class:`StepReport` has no ``__post_init__`` to re-run, so the copy is made by
+    copying the instance dict (one dict update instead of a 35-argument ``__init__``).
+    Unknown field names raise, as with ``dataclasses.replace``.
+    """
+    unknown = changes.keys() - _FIELD_NAMES
+    if unknown:
+        raise TypeError(f"StepReport has no fields {sorted(unknown)}")
+    new = object.__new__(StepReport)
+    new.__dict__.update(report.__dict__)
+    new.__dict__.update(changes)
+    return new
+
+
 def json_ready(value: Any) -> Any:
     """Non-finite floats become the strings ``"nan"``, ``"inf"``, ``"-inf"``, recursively (strict JSON)."""
     if isinstance(value, float):
@@ -206,6 +227,7 @@ def json_ready(value: Any) -> Any:
 
 
 _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(StepReport))
 
 
 def _from_json(value: Any) -> Any:

@@ -4,8 +4,9 @@
 r is estimated for free as τ_t/ρ_a(last measured direction). A fresh measurement is due
 when the schedule says so, or whenever the estimate can no longer be trusted:
 
-* τ jumped: τ_t/τ_ref ∉ [1/``tau_jump``, ``tau_jump``] (τ_ref: τ at the last measurement);
-  a learning-rate spike multiplies τ on the very step it happens;
+* τ jumped: τ_t/τ_ref ∉ [1/``tau_jump``, ``tau_jump``] (τ_ref: τ at the last measurement),
+  or the last measured step did not move (τ_ref = 0) and this one does; a learning-rate
+  spike multiplies τ on the very step it happens;
 * the estimate nears the boundary: τ_t/ρ_a(last) ≥ ``r_alert``;
 * the direction turned: the cosine between Δθ_t and the last measured Δθ, on a fixed
   random sample of coordinates, fell below ``min_cosine``.
@@ -67,12 +68,14 @@ class MeasurementSchedule:
             return True, "first"
         if self.since + 1 >= self.interval:
             return True, "schedule"
-        if tau is not None and self.tau_ref > 0 and math.isfinite(tau):
+        if tau is not None and not math.isfinite(tau):
+            return True, "nonfinite"
+        if tau is not None and self.tau_ref > 0:
             ratio = tau / self.tau_ref
             if ratio > self.tau_jump or ratio < 1.0 / self.tau_jump:
                 return True, "tau_jump"
-        elif tau is not None and not math.isfinite(tau):
-            return True, "nonfinite"
+        elif tau is not None and tau > 0:
+            return True, "tau_jump"  # the last measured step did not move at all
         if r_estimate >= self.r_alert or math.isnan(r_estimate):
             return True, "r_alert"
         if cosine is not None and cosine < self.min_cosine:

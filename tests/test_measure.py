@@ -91,3 +91,10 @@ def test_host_and_device_summaries_agree(classes) -> None:
     assert host.spread.values == device.spread.values
     for name in ("q99", "q90", "median", "mean", "min", "max"):
         assert getattr(host.spread, name) == pytest.approx(getattr(device.spread, name), rel=1e-12)
+    assert host.spread.count == device.spread.count == (29 if y is not None else 30)
+    diagnostics = ("sc_fraction", "sc_zero_loss_fraction", "max_logit_gap", "logz_mean", "logz_sq_mean")
+    for name in (*diagnostics, "nlm_cosine"):
+        h, d = getattr(host, name), getattr(device, name)
+        assert (h is None) == (d is None) == (classes == 1), name
+        if h is not None:  # float64 sums on the host, float32 means on the device
+            assert h == pytest.approx(d, rel=1e-6, abs=1e-7), name

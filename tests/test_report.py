@@ -115,3 +115,19 @@ def test_sinkset_drops_a_sink_after_consecutive_failures() -> None:
     assert flaky.calls == 2 and sinks.failures["Flaky"] == 2 and not sinks.sinks
     with pytest.raises(TypeError, match="not a sink"):
         SinkSet([object()])
+
+
+def test_evolve_is_dataclasses_replace() -> None:
+    import dataclasses
+
+    from stepguard.report import evolve
+
+    report = StepReport(
+        step=3, tau=0.5, rho_a=2.0, r=0.25, delta_a=1.5, spread=SpreadSummary(count=4, max=1.5)
+    )
+    changes = {"action": "clip", "scale": 0.5, "reason": "r=2 > 1", "timings": {"jvp": 0.1}}
+    evolved = evolve(report, **changes)
+    assert evolved == dataclasses.replace(report, **changes)
+    assert evolved is not report and report.action == "allow"  # the original is untouched
+    with pytest.raises(TypeError, match="no fields"):
+        evolve(report, acton="clip")

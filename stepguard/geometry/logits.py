@@ -100,7 +100,7 @@ def to_rows(
             )
         m = mask.reshape(-1).to(device=z.device, dtype=torch.bool)
         keep = m if keep is None else keep & m
-    if keep is None:
+    if keep is None or bool(keep.all()):
         return z, a, y, None
     positions = keep.nonzero().squeeze(-1)
     return (

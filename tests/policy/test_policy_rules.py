@@ -438,3 +438,28 @@ def test_pure_update_does_not_touch_the_policy_or_its_input_state() -> None:
     evaluation = policy.update(rep(0, loss=1.0), state)
     assert repr(state) == snapshot
     assert evaluation.state["t"] == 1 and policy.state_dict()["t"] == 0
+
+
+def test_rules_read_exactly_the_numbers_of_report_scalars() -> None:
+    from stepguard.policy.fields import ReportValues
+    from stepguard.report import SpreadSummary, StepReport
+
+    report = StepReport(
+        step=7,
+        tau=0.5,
+        rho_a=math.inf,
+        r=0.0,
+        delta_a=0.0,
+        spread=SpreadSummary(count=3, max=1.0, q99=0.9, mean=0.5),
+        measured=False,
+        loss=None,
+        grad_norm=2.5,
+        entanglement={"ratio_chosen": 1.5},
+        extras={"loss.base": 0.25},
+        timings={"jvp": 0.001},
+    )
+    lazy = ReportValues(report)
+    assert dict(lazy) == report.scalars()
+    assert {name: lazy[name] for name in report.scalars()} == report.scalars()
+    for absent in ("loss", "rho_binary", "halt", "rank", "extras.loss.other", "spread.values", "action"):
+        assert lazy.get(absent) is None, absent

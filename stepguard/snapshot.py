@@ -1,0 +1,175 @@
+"""θ₀ and Δθ kept flat: a few tensor ops per step, whatever the number of parameter tensors.
+
+The optimizer's parameters are grouped by (device, dtype). Each group's θ₀ lives in one
+flat buffer, each parameter in row-major order in its slice. Per step and group:
+
+* snapshot: one ``_foreach_copy_`` of the parameters into the slices;
+* difference: the parameters concatenated into a fresh flat tensor (one ``cat``) and θ₀
+  subtracted in place, so Δθ = θ₁ − θ₀ is one flat tensor, bitwise equal to the
+  per-tensor ``p − θ₀``;
+* τ = ‖Δθ‖₂: one reduction over the flat tensor, accumulated in float32 at least.
+
+Per-tensor foreach kernels on CPU run one kernel launch per tensor; a flat buffer makes
+the difference, the norm, the sketch of the direction and the update/parameter cosine
+one op each, which is what keeps an unmeasured step cheap (see docs/performance.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+Layout = list[tuple[torch.Size, int]]
+"""(shape, offset) of each parameter in its group's flat buffer, in row-major order."""
+
+
+def _layout_of(params: Sequence[Tensor]) -> tuple[Layout, int]:
+    layout: Layout = []
+    total = 0
+    for p in params:
+        layout.append((p.shape, total))
+        total += p.numel()
+    return layout, total
+
+
+def _views(flat: Tensor, layout: Layout) -> list[Tensor]:
+    """Views into ``flat`` with the parameters' shapes (row-major, whatever their own strides)."""
+    return [flat[offset : offset + shape.numel()].view(shape) for shape, offset in layout]
+
+
+@dataclass
+class _Group:
+    """The parameters of one (device, dtype), their positions in the full list, and θ₀."""
+
+    positions: list[int]
+    params: list[Tensor]
+    layout: Layout
+    theta0: Tensor
+    theta0_views: list[Tensor]
+
+    @property
+    def accumulate(self) -> torch.dtype:
+        return torch.float64 if self.theta0.dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class Update:
+    """Δθ = θ₁ − θ₀ of one step, flat per group, and its length τ (a 0-d tensor on the device)."""
+
+    groups: list[_Group]
+    flats: list[Tensor]
+    tau: Tensor
+    _views: list[Tensor] | None = field(default=None, repr=False)
+
+    def views(self) -> list[Tensor]:
+        """Δθ as one tensor per parameter, in the optimizer's order (views, no copy)."""
+        if self._views is None:
+            per_group = [_views(flat, g.layout) for g, flat in zip(self.groups, self.flats, strict=True)]
+            if len(per_group) == 1:
+                self._views = per_group[0]
+            else:
+                out: list[Tensor] = [None] * sum(len(g.positions) for g in self.groups)  # type: ignore[list-item]
+                for group, views in zip(self.groups, per_group, strict=True):
+                    for i, view in zip(group.positions, views, strict=True):
+                        out[i] = view
+                self._views = out
+        return self._views
+
+    def sketch(self, indices: Sequence[Tensor]) -> Tensor:
+        """Δθ at fixed coordinates (one index tensor per group), as float64."""
+        parts = [f.index_select(0, i).to(torch.float64) for f, i in zip(self.flats, indices, strict=True)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def cosine_with_theta0(self) -> Tensor:
+        """cos(Δθ, θ₀) = ⟨Δθ, θ₀⟩/(‖Δθ‖‖θ₀‖), 0 when either is zero (0-d float64)."""
+        dots, norms = [], []
+        for group, flat in zip(self.groups, self.flats, strict=True):
+            wide = group.accumulate
+            dots.append(torch.dot(flat.to(wide), group.theta0.to(wide)).to(torch.float64))
+            norms.append(torch.linalg.vector_norm(group.theta0, dtype=wide).to(torch.float64))
+        dot = dots[0] if len(dots) == 1 else torch.stack(dots).sum()
+        theta_norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+        denominator = self.tau.to(torch.float64) * theta_norm
+        return torch.where(denominator > 0, dot / torch.where(denominator > 0, denominator, 1.0), 0.0)
+
+
+class ParameterSnapshot:
+    """Keeps θ₀ of a list of parameters in flat buffers and turns θ₁ into an :class:`Update`.
+
+    Example:
+        >>> snapshot = ParameterSnapshot()
+        >>> snapshot.bind(params); snapshot.take()
+        >>> optimizer.step()
+        >>> update = snapshot.difference()   # update.tau, update.views()
+    """
+
+    def __init__(self) -> None:
+        self.params: list[Tensor] = []
+        self.groups: list[_Group] = []
+        self._theta0_list: list[Tensor] = []
+
+    def bind(self, params: Sequence[Tensor]) -> bool:
+        """Use ``params`` (reallocating the buffers when the list changed); True when it changed."""
+        if len(params) == len(self.params) and all(a is b for a, b in zip(params, self.params, strict=True)):
+            return False
+        self.params = list(params)
+        by_key: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, p in enumerate(self.params):
+            by_key.setdefault((p.device, p.dtype), []).append(i)
+        self.groups = []
+        theta0: list[Tensor | None] = [None] * len(self.params)
+        for (device, dtype), positions in by_key.items():
+            members = [self.params[i] for i in positions]
+            layout, total = _layout_of(members)
+            flat = torch.empty(total, device=device, dtype=dtype)
+            views = _views(flat, layout)
+            self.groups.append(_Group(positions, members, layout, flat, views))
+            for i, view in zip(positions, views, strict=True):
+                theta0[i] = view
+        self._theta0_list = [t for t in theta0 if t is not None]
+        return True
+
+    @property
+    def theta0(self) -> list[Tensor]:
+        """θ₀ as one tensor per parameter (views into the flat buffers)."""
+        return self._theta0_list
+
+    def sketch_indices(self, per_group: int, seed: int = 0) -> list[Tensor]:
+        """Fixed coordinates per group for :meth:`Update.sketch`: all, or a sorted uniform draw."""
+        gen = torch.Generator().manual_seed(seed)
+        out = []
+        for group in self.groups:
+            n = group.theta0.numel()
+            if n <= per_group:
+                chosen = torch.arange(n)
+            else:
+                chosen = torch.randint(0, n, (per_group,), generator=gen).sort().values
+            out.append(chosen.to(group.theta0.device))
+        return out
+
+    def take(self) -> None:
+        """Copy the parameters' current values into θ₀."""
+        with torch.no_grad():
+            for group in self.groups:
+                torch._foreach_copy_(group.theta0_views, group.params)
+
+    def difference(self) -> Update:
+        """Δθ = θ_now − θ₀ and τ = ‖Δθ‖₂ (float32 at least, float64 when the parameters are)."""
+        flats, norms = [], []
+        with torch.no_grad():
+            for group in self.groups:
+                flat = torch.cat([p.reshape(-1) for p in group.params])
+                flat.sub_(group.theta0)
+                flats.append(flat)
+                norms.append(torch.linalg.vector_norm(flat, dtype=group.accumulate))
+        if not norms:
+            tau = torch.zeros(())
+        elif len(norms) == 1:
+            tau = norms[0]
+        else:
+            wide = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
+            tau = torch.linalg.vector_norm(torch.stack([n.to(wide) for n in norms]))
+        return Update(self.groups, flats, tau)
