@@ -1,0 +1,78 @@
+"""θ₀ and Δθ in flat buffers: bitwise the per-tensor values, whatever the dtypes and layouts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from stepguard.diagnostics import update_param_cosine
+from stepguard.snapshot import ParameterSnapshot
+
+
+def _params() -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    conv = torch.randn(4, 3, 3, 3, generator=gen).to(memory_format=torch.channels_last)
+    return [
+        torch.nn.Parameter(torch.randn(5, 7, generator=gen)),
+        torch.nn.Parameter(conv),
+        torch.nn.Parameter(torch.randn(7, generator=gen, dtype=torch.float64)),
+        torch.nn.Parameter(torch.randn(5, 7, generator=gen).t()),  # not contiguous
+        torch.nn.Parameter(torch.tensor(0.5)),
+    ]
+
+
+def _move(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 1e-3)
+    return params
+
+
+def test_difference_is_bitwise_the_per_tensor_difference_in_the_optimizer_order() -> None:
+    params = _params()
+    snapshot = ParameterSnapshot()
+    assert snapshot.bind(params) and not snapshot.bind(list(params))
+    snapshot.take()
+    before = [p.detach().clone() for p in params]
+    _move(params)
+    update = snapshot.difference()
+    assert len(snapshot.groups) == 2  # float32 and float64
+    for view, p, p0, theta0 in zip(update.views(), params, before, snapshot.theta0, strict=True):
+        assert view.shape == p.shape and view.dtype == p.dtype
+        assert torch.equal(view, p.detach() - p0)
+        assert torch.equal(theta0, p0)
+    squares = [float(torch.sum((p.detach().double() - p0.double()) ** 2)) for p, p0 in zip(params, before, strict=True)]
+    assert update.tau.item() == pytest.approx(math.sqrt(math.fsum(squares)), rel=1e-6)
+    assert update.tau.dtype == torch.float64  # a float64 group widens τ
+
+
+def test_sketch_and_cosine_with_theta0() -> None:
+    params = _params()
+    snapshot = ParameterSnapshot()
+    snapshot.bind(params)
+    snapshot.take()
+    before = [p.detach().clone() for p in params]
+    _move(params)
+    update = snapshot.difference()
+    expected = update_param_cosine(update.views(), before).item()
+    assert update.cosine_with_theta0().item() == pytest.approx(expected, rel=1e-6)
+    indices = snapshot.sketch_indices(16)
+    flats = [torch.cat([p.detach().reshape(-1) - p0.reshape(-1) for p, p0 in group]) for group in (
+        [(params[i], before[i]) for i in g.positions] for g in snapshot.groups
+    )]
+    sketch = update.sketch(indices)
+    assert torch.equal(sketch, torch.cat([f.double()[i] for f, i in zip(flats, indices, strict=True)]))
+    small = snapshot.sketch_indices(10_000)  # a group smaller than the sample keeps every coordinate
+    assert [len(i) for i in small] == [g.theta0.numel() for g in snapshot.groups]
+
+
+def test_a_new_parameter_list_rebinds() -> None:
+    params = _params()
+    snapshot = ParameterSnapshot()
+    snapshot.bind(params)
+    assert snapshot.bind(params[:2])
+    snapshot.take()
+    assert [t.shape for t in snapshot.theta0] == [p.shape for p in params[:2]]
