@@ -146,8 +146,10 @@ class GuardEngine:
         self._observed: dict[str, Any] = {}
         self._snapshot = ParameterSnapshot()
         self._state_backup: dict[Tensor, dict[str, Any] | None] | None = None
+        self._t_start = 0.0
         self._t_before = 0.0
         self._snap_seconds = 0.0
+        self._measure_cost: float | None = None
         self._in_step = False
         self._probe: EntanglementProbe | None = None
         cfg = self.config
@@ -204,7 +206,7 @@ class GuardEngine:
 
     def before_step(self) -> None:
         """Snapshot θ₀ (and the optimizer state when a veto must be undoable)."""
-        start = time.perf_counter()
+        start = self._t_start = time.perf_counter()
         self._in_step = True
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         if self._snapshot.bind(params):
@@ -266,7 +268,7 @@ class GuardEngine:
         t = time.perf_counter()
         if self._distributed:
             if measure:
-                tensors.update(self._cost_tensors(timings["measure"], tau_t))
+                tensors.update(self._cost_tensors(tau_t))
                 tensors = reduce_across_ranks(tensors)
             else:
                 # no collective on an estimated step: keep only what every rank shares
@@ -301,7 +303,6 @@ class GuardEngine:
         t = time.perf_counter()
         self._commit(decision, update)
         timings["commit"] = time.perf_counter() - t
-        self._account(measure, values, timings)
 
         self.counters[decision.action] += 1
         if decision.rule is not None:
@@ -323,6 +324,7 @@ class GuardEngine:
             timings=timings,
         )
         self.sinks.write(report)
+        self._account(measure, values, timings)
         self.step_count += 1
         self.last_report = report
         if decision.halt:
@@ -374,34 +376,44 @@ class GuardEngine:
             self._sketch_index = self._snapshot.sketch_indices(_SKETCH_SIZE)
         return update.sketch(self._sketch_index)
 
-    def _cost_tensors(self, measure_seconds: float, like: Tensor) -> dict[str, Tensor]:
+    def _cost_tensors(self, like: Tensor) -> dict[str, Tensor]:
+        """This rank's running costs, reduced with the measurement so every rank plans alike."""
+
         def as_tensor(x: float | None) -> Tensor:
             return torch.tensor(math.nan if x is None else x, dtype=torch.float64, device=like.device)
 
         return {
-            "cost_measure": as_tensor(measure_seconds),
+            "cost_measure": as_tensor(self._measure_cost),
             "cost_idle": as_tensor(self._idle_cost),
             "cost_period": as_tensor(self._period),
         }
 
     def _account(self, measured: bool, values: Mapping[str, Any], timings: Mapping[str, float]) -> None:
-        """Keep the running costs the budget needs, identical on every rank."""
+        """Keep the running costs the budget needs, identical on every rank.
+
+        A step's own cost is all of the guard's time in it, from ``before_step`` to the end
+        of ``after_step`` (report, policy and sinks included), less the inner optimizer.
+        Under ``torch.distributed`` the schedule only ever sees costs reduced across ranks
+        at a measured step (this rank's running averages travel with the measurement).
+        """
         now = time.perf_counter()
-        own = sum(v for k, v in timings.items() if k != "optimizer")
+        own = now - self._t_start - timings["optimizer"]
         if self._last_end is not None:
             self._period = _ema(self._period, now - self._last_end)
         self._last_end = now
         if measured:
+            self._measure_cost = _ema(self._measure_cost, own)
             self.schedule.measured(values["tau"])
             if self.schedule.budget is not None:
-                cost = values.get("cost_measure", timings["measure"])
+                cost = values.get("cost_measure", self._measure_cost)
                 idle = values.get("cost_idle", self._idle_cost)
                 period = values.get("cost_period", self._period)
-                self.schedule.set_costs(
-                    measure=cost,
-                    idle=None if idle is None or math.isnan(idle) else idle,
-                    period=None if period is None or math.isnan(period) else period,
-                )
+                if cost is not None and not math.isnan(cost):
+                    self.schedule.set_costs(
+                        measure=cost,
+                        idle=None if idle is None or math.isnan(idle) else idle,
+                        period=None if period is None or math.isnan(period) else period,
+                    )
         else:
             self._idle_cost = _ema(self._idle_cost, own)
             self.schedule.skipped()

@@ -342,6 +342,48 @@ def _summarize_rows(values: Mapping[str, Any], binding_k: int) -> Mapping[str, A
     return out
 
 
+def _estimated_report(
+    values: Mapping[str, Any],
+    *,
+    step: int,
+    last_rho: float | None,
+    loss: Any,
+    lr: float | None,
+    source: Source,
+    **fields: Any,
+) -> StepReport:
+    """The report of an unmeasured step: r = τ/ρ_a(last), nothing else measured."""
+    tau = values["tau"]
+    rho = last_rho if last_rho is not None else math.nan
+    if rho == math.inf:
+        delta, r = 0.0, 0.0
+    elif rho and math.isfinite(rho):
+        delta, r = PI / rho, tau / rho
+    else:
+        delta, r = 0.0, math.nan
+    loss_value = values.get("loss")
+    if loss_value is None and isinstance(loss, (int, float)):
+        loss_value = float(loss)
+    return StepReport(
+        step=step,
+        tau=tau,
+        rho_a=rho,
+        r=r,
+        delta_a=delta,
+        spread=_NO_SPREAD,
+        applied_tau=tau,
+        estimator="estimate",
+        measured=False,
+        loss=loss_value,
+        lr=lr,
+        source=source,
+        **fields,
+    )
+
+
+_NO_SPREAD = SpreadSummary()
+
+
 def build_report(
     values: Mapping[str, Any],
     *,
@@ -363,25 +405,24 @@ def build_report(
     (``measured=False``) r is estimated as τ/ρ_a(``last_rho``): ρ_a depends only on the
     direction, and the direction rarely turns fast between measurements.
     """
+    if not measured:
+        return _estimated_report(
+            values, step=step, last_rho=last_rho, loss=loss, lr=lr, source=source, **fields
+        )
     values = _summarize_rows(values, binding_k)
     tau = values["tau"]
     est: Estimator = estimator  # type: ignore[assignment]
-    if measured:
-        delta = values.get("delta_a", 0.0)
-        rho = math.inf if delta == 0 else PI / delta
-        r = tau * delta / PI if math.isfinite(tau) else math.nan
-        if math.isnan(delta):
-            rho = r = math.nan
-        if tau == 0:
-            est = "none"
-    else:
-        rho = last_rho if last_rho is not None else math.nan
-        delta = PI / rho if rho and math.isfinite(rho) else 0.0
-        r = tau / rho if rho and rho != math.inf else (0.0 if rho == math.inf else math.nan)
+    delta = values.get("delta_a", 0.0)
+    rho = math.inf if delta == 0 else PI / delta
+    r = tau * delta / PI if math.isfinite(tau) else math.nan
+    if math.isnan(delta):
+        rho = r = math.nan
+    if tau == 0:
+        est = "none"
     q = values.get("spread_q", [0.0, 0.0, 0.0])
     spread = SpreadSummary(
         count=int(values.get("count", 0)),
-        max=float(values.get("delta_a", 0.0)) if measured else 0.0,
+        max=float(delta),
         q99=q[0],
         q90=q[1],
         median=q[2],

@@ -9,13 +9,18 @@ when the schedule says so, or whenever the estimate can no longer be trusted:
   spike multiplies τ on the very step it happens;
 * the estimate nears the boundary: τ_t/ρ_a(last) ≥ ``r_alert``;
 * the direction turned: the cosine between Δθ_t and the last measured Δθ, on a fixed
-  random sample of coordinates, fell below ``min_cosine``.
+  random sample of coordinates, fell below ``min_cosine``. In budget mode a turn is
+  measured only when the budget can afford it (below).
 
 In budget mode the interval is set from measured costs so that the guard's own time stays
 near ``budget`` × the step time: with c_m the cost of a measurement, c_0 the guard's cost
 on an unmeasured step and T the step period, N = ⌈c_m / (budget·T − c_0)⌉ (at most
-``max_interval``). Triggers still fire inside the budget: a spike is measured on the step
-it happens, whatever the budget says.
+``max_interval``). A τ jump, a non-finite τ and an estimate near the boundary are
+measured whatever the budget says: a spike is measured on the step it happens. A turn
+of the direction is measured only out of saved credit: every step earns budget·T minus
+its modelled cost (c_0, or c_m when measured), and a turn triggers a measurement only
+while the credit covers one (c_m). The credit uses the modelled costs, which every rank
+shares after the cross-rank reduction, so ranks agree on every decision to measure.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ class MeasurementSchedule:
     measure_cost: float | None = None
     idle_cost: float | None = None
     step_period: float | None = None
+    credit: float = 0.0
 
     def __post_init__(self) -> None:
         if self.every < 1:
@@ -78,16 +84,31 @@ class MeasurementSchedule:
             return True, "tau_jump"  # the last measured step did not move at all
         if r_estimate >= self.r_alert or math.isnan(r_estimate):
             return True, "r_alert"
-        if cosine is not None and cosine < self.min_cosine:
+        if cosine is not None and cosine < self.min_cosine and self._affordable():
             return True, "direction"
         return False, "estimate"
+
+    def _affordable(self) -> bool:
+        """Whether an unplanned measurement fits the budget: the saved credit covers one."""
+        if self.budget is None or self.measure_cost is None:
+            return True
+        return self.credit >= self.measure_cost
 
     def measured(self, tau: float) -> None:
         self.since = 0
         self.tau_ref = tau
+        self._earn(self.measure_cost)
 
     def skipped(self) -> None:
         self.since += 1
+        self._earn(self.idle_cost or 0.0)
+
+    def _earn(self, cost: float | None) -> None:
+        """credit += budget·T − (this step's modelled cost), kept within ±2 measurements."""
+        if self.budget is None or cost is None or self.step_period is None or self.measure_cost is None:
+            return
+        cap = 2.0 * self.measure_cost
+        self.credit = max(-cap, min(cap, self.credit + self.budget * self.step_period - cost))
 
     def set_costs(self, *, measure: float, idle: float | None, period: float | None) -> None:
         """Set the interval from the costs (seconds): N = ⌈c_m / (budget·T − c_0)⌉."""
@@ -108,6 +129,7 @@ class MeasurementSchedule:
             "measure_cost": self.measure_cost,
             "idle_cost": self.idle_cost,
             "step_period": self.step_period,
+            "credit": self.credit,
         }
 
     def load_state_dict(self, state: dict) -> None:

@@ -79,9 +79,10 @@ class Update:
         return self._views
 
     def sketch(self, indices: Sequence[Tensor]) -> Tensor:
-        """Δθ at fixed coordinates (one index tensor per group), as float64."""
-        parts = [f.index_select(0, i).to(torch.float64) for f, i in zip(self.flats, indices, strict=True)]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        """Δθ at fixed coordinates (one index tensor per group), in the widest dtype present."""
+        if len(self.flats) == 1:
+            return self.flats[0].index_select(0, indices[0])
+        return torch.cat([f.index_select(0, i) for f, i in zip(self.flats, indices, strict=True)])
 
     def cosine_with_theta0(self) -> Tensor:
         """cos(Δθ, θ₀) = ⟨Δθ, θ₀⟩/(‖Δθ‖‖θ₀‖), 0 when either is zero (0-d float64)."""
@@ -164,7 +165,8 @@ class ParameterSnapshot:
                 flat = torch.cat([p.reshape(-1) for p in group.params])
                 flat.sub_(group.theta0)
                 flats.append(flat)
-                norms.append(torch.linalg.vector_norm(flat, dtype=group.accumulate))
+                wide = group.accumulate
+                norms.append(torch.linalg.vector_norm(flat, dtype=None if flat.dtype == wide else wide))
         if not norms:
             tau = torch.zeros(())
         elif len(norms) == 1:

@@ -101,8 +101,9 @@ def test_measurement_schedule_is_reported(result: dict[str, Any]) -> None:
     assert rows["every 1"]["measured_fraction"] == 1.0
     assert rows["every 1"]["estimators"] == {"jvp": rows["every 1"]["steps_timed"]}
     assert 0.5 <= rows["every 2"]["measured_fraction"] <= 1.0  # triggers may add measurements
-    for row in rows.values():
-        assert 0.0 < row["measured_fraction"] <= 1.0
+    for row in rows.values():  # a budget may stretch the interval past the few timed steps
+        assert 0.0 <= row["measured_fraction"] <= 1.0
+        assert sum(row["estimators"].values()) == round(row["measured_fraction"] * row["steps_timed"])
 
 
 def test_memory_accounting(result: dict[str, Any]) -> None:

@@ -29,6 +29,44 @@ def test_schedule_triggers() -> None:
     assert s.due(1.0, 0.1, 0.99) == (True, "schedule")
 
 
+def test_a_step_after_a_still_measured_step_is_a_tau_jump() -> None:
+    s = MeasurementSchedule(every=8)
+    s.measured(tau=0.0)
+    assert s.due(0.0, 0.0, None) == (False, "estimate")
+    assert s.due(1e-6, 0.0, None) == (True, "tau_jump")
+
+
+def test_a_turn_is_measured_only_out_of_saved_budget_credit() -> None:
+    s = MeasurementSchedule(budget=0.1)
+    s.measured(tau=1.0)
+    # c_m = 4 ms, c_0 = 0.2 ms, T = 10 ms: N = ⌈4/(1 − 0.2)⌉ = 5, and an estimated step
+    # saves budget·T − c_0 = 0.8 ms, so the schedule itself uses the credit it earns
+    s.set_costs(measure=0.004, idle=0.0002, period=0.01)
+    assert s.interval == 5
+    turned = (1.0, 0.1, 0.2)  # τ steady, r small, cosine 0.2 < min_cosine
+    for step in range(1, 5):
+        assert s.due(*turned) == (False, "estimate")
+        s.skipped()
+        assert s.credit == pytest.approx(0.0008 * step)
+    assert s.due(*turned) == (True, "schedule")
+    s.measured(tau=1.0)  # a measured step costs c_m − budget·T = 3 ms of credit
+    assert s.credit == pytest.approx(0.0032 - 0.003)
+    s.load_state_dict({**s.state_dict(), "credit": 0.004})  # credit saved over earlier cycles
+    assert s.due(*turned) == (True, "direction")
+    s.measured(tau=1.0)
+    assert s.credit == pytest.approx(0.001)
+    assert s.due(*turned) == (False, "estimate")
+    assert s.due(2.0, 0.1, 0.2) == (True, "tau_jump")  # a jump never waits for credit
+    assert s.due(1.0, 0.7, 0.2) == (True, "r_alert")
+    s.interval = 1000  # as if the schedule were far away
+    for _ in range(100):
+        s.skipped()
+    assert s.credit == pytest.approx(2 * 0.004)  # saved credit is capped at two measurements
+    unbudgeted = MeasurementSchedule(every=8)
+    unbudgeted.measured(tau=1.0)
+    assert unbudgeted.due(*turned) == (True, "direction")
+
+
 def test_budget_interval_from_costs() -> None:
     s = MeasurementSchedule(budget=0.1)
     s.set_costs(measure=0.004, idle=0.0002, period=0.01)
