@@ -150,6 +150,7 @@ class GuardEngine:
         self._t_before = 0.0
         self._snap_seconds = 0.0
         self._measure_cost: float | None = None
+        self._first_measurement = True
         self._in_step = False
         self._probe: EntanglementProbe | None = None
         cfg = self.config
@@ -399,10 +400,15 @@ class GuardEngine:
         now = time.perf_counter()
         own = now - self._t_start - timings["optimizer"]
         if self._last_end is not None:
-            self._period = _ema(self._period, now - self._last_end)
+            plain = now - self._last_end - own  # the step without the guard
+            if self._period is None or plain <= _PAUSE * self._period:  # longer: a pause (evaluation …)
+                self._period = _ema(self._period, plain)
         self._last_end = now
         if measured:
-            self._measure_cost = _ema(self._measure_cost, own)
+            if self._first_measurement:  # one-time set-up of the replay: not a running cost
+                self._first_measurement = False
+            else:
+                self._measure_cost = _ema(self._measure_cost, _clipped(own, self._measure_cost))
             self.schedule.measured(values["tau"])
             if self.schedule.budget is not None:
                 cost = values.get("cost_measure", self._measure_cost)
@@ -415,7 +421,7 @@ class GuardEngine:
                         period=None if period is None or math.isnan(period) else period,
                     )
         else:
-            self._idle_cost = _ema(self._idle_cost, own)
+            self._idle_cost = _ema(self._idle_cost, _clipped(own, self._idle_cost))
             self.schedule.skipped()
 
     # ---------------------------------------------------------------- measurement
@@ -613,6 +619,14 @@ def _unit(v: Tensor | None) -> tuple[Tensor, Tensor] | None:
         return None
     norm = torch.linalg.vector_norm(v)
     return torch.where(norm > 0, v / torch.where(norm > 0, norm, 1.0), v), norm
+
+
+_PAUSE = 4.0
+"""A cost or gap more than this many times its running average is an outlier (a pause, a warm-up)."""
+
+
+def _clipped(sample: float, average: float | None) -> float:
+    return sample if average is None else min(sample, _PAUSE * average)
 
 
 def _ema(old: float | None, new: float, decay: float = 0.8) -> float:

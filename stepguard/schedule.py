@@ -13,8 +13,9 @@ when the schedule says so, or whenever the estimate can no longer be trusted:
   measured only when the budget can afford it (below).
 
 In budget mode the interval is set from measured costs so that the guard's own time stays
-near ``budget`` × the step time: with c_m the cost of a measurement, c_0 the guard's cost
-on an unmeasured step and T the step period, N = ⌈c_m / (budget·T − c_0)⌉ (at most
+within ``budget`` × the time T the step takes without it (data, forward, backward,
+optimizer): with c_m the guard's cost on a measured step and c_0 on an unmeasured one,
+one measurement every N = ⌈(c_m − c_0) / (budget·T − c_0)⌉ steps (at most
 ``max_interval``). A τ jump, a non-finite τ and an estimate near the boundary are
 measured whatever the budget says: a spike is measured on the step it happens. A turn
 of the direction is measured only out of saved credit: every step earns budget·T minus
@@ -53,7 +54,7 @@ class MeasurementSchedule:
     tau_ref: float | None = None
     measure_cost: float | None = None
     idle_cost: float | None = None
-    step_period: float | None = None
+    step_period: float | None = None  # T: the step's time without the guard
     credit: float = 0.0
 
     def __post_init__(self) -> None:
@@ -104,22 +105,35 @@ class MeasurementSchedule:
         self._earn(self.idle_cost or 0.0)
 
     def _earn(self, cost: float | None) -> None:
-        """credit += budget·T − (this step's modelled cost), kept within ±2 measurements."""
-        if self.budget is None or cost is None or self.step_period is None or self.measure_cost is None:
+        """credit += allowance − (this step's modelled cost), kept within ±2 measurements."""
+        allowance = self._allowance()
+        if allowance is None or cost is None or self.measure_cost is None:
             return
         cap = 2.0 * self.measure_cost
-        self.credit = max(-cap, min(cap, self.credit + self.budget * self.step_period - cost))
+        self.credit = max(-cap, min(cap, self.credit + allowance - cost))
+
+    def _allowance(self) -> float | None:
+        """The guard time one step may use: budget × T, T the step without the guard."""
+        if self.budget is None or self.step_period is None or not math.isfinite(self.step_period):
+            return None
+        return self.budget * self.step_period
 
     def set_costs(self, *, measure: float, idle: float | None, period: float | None) -> None:
-        """Set the interval from the costs (seconds): N = ⌈c_m / (budget·T − c_0)⌉."""
+        """Set the interval from the costs (seconds): N = ⌈(c_m − c_0) / (budget·T − c_0)⌉.
+
+        Over N steps, one measured, the guard spends c_m + (N − 1)·c_0, which must stay
+        within N·budget·T; ``period`` is T, the step's time without the guard.
+        """
         self.measure_cost, self.idle_cost, self.step_period = measure, idle, period
-        if self.budget is None or period is None or not math.isfinite(period):
+        allowance = self._allowance()
+        if allowance is None:
             return
-        room = self.budget * period - (idle or 0.0)
+        idle = idle or 0.0
+        room = allowance - idle
         if room <= 0:
             self.interval = self.max_interval
         else:
-            self.interval = max(1, min(self.max_interval, math.ceil(measure / room)))
+            self.interval = max(1, min(self.max_interval, math.ceil(max(measure - idle, 0.0) / room)))
 
     def state_dict(self) -> dict[str, float | int | None]:
         return {

@@ -39,8 +39,8 @@ def test_a_step_after_a_still_measured_step_is_a_tau_jump() -> None:
 def test_a_turn_is_measured_only_out_of_saved_budget_credit() -> None:
     s = MeasurementSchedule(budget=0.1)
     s.measured(tau=1.0)
-    # c_m = 4 ms, c_0 = 0.2 ms, T = 10 ms: N = ⌈4/(1 − 0.2)⌉ = 5, and an estimated step
-    # saves budget·T − c_0 = 0.8 ms, so the schedule itself uses the credit it earns
+    # c_m = 4 ms, c_0 = 0.2 ms, T = 10 ms: allowance 1 ms, N = ⌈3.8/0.8⌉ = 5; an estimated
+    # step saves 1 − 0.2 = 0.8 ms, so the schedule uses about the credit it earns
     s.set_costs(measure=0.004, idle=0.0002, period=0.01)
     assert s.interval == 5
     turned = (1.0, 0.1, 0.2)  # τ steady, r small, cosine 0.2 < min_cosine
@@ -49,7 +49,7 @@ def test_a_turn_is_measured_only_out_of_saved_budget_credit() -> None:
         s.skipped()
         assert s.credit == pytest.approx(0.0008 * step)
     assert s.due(*turned) == (True, "schedule")
-    s.measured(tau=1.0)  # a measured step costs c_m − budget·T = 3 ms of credit
+    s.measured(tau=1.0)  # a measured step costs c_m − allowance = 3 ms of credit
     assert s.credit == pytest.approx(0.0032 - 0.003)
     s.load_state_dict({**s.state_dict(), "credit": 0.004})  # credit saved over earlier cycles
     assert s.due(*turned) == (True, "direction")
@@ -70,9 +70,9 @@ def test_a_turn_is_measured_only_out_of_saved_budget_credit() -> None:
 def test_budget_interval_from_costs() -> None:
     s = MeasurementSchedule(budget=0.1)
     s.set_costs(measure=0.004, idle=0.0002, period=0.01)
-    # room = 0.1·0.01 − 0.0002 = 0.0008 → N = ⌈0.004/0.0008⌉ = 5
+    # allowance = 0.1·10 ms = 1 ms; N = ⌈(4 − 0.2)/(1 − 0.2)⌉ = ⌈4.75⌉ = 5
     assert s.interval == 5
-    s.set_costs(measure=0.004, idle=0.002, period=0.01)
+    s.set_costs(measure=0.004, idle=0.002, period=0.01)  # c_0 = 2 ms > allowance = 1 ms
     assert s.interval == s.max_interval
     with pytest.raises(ValueError, match="budget"):
         MeasurementSchedule(budget=1.5)
