@@ -100,9 +100,10 @@ def step_geometry(
 
     Everything stays on the device as tensors; see :func:`sync_to_host`. When there are at
     most ``config.max_spread_values`` rows and ``summarize_on_host`` is set, the per-row
-    columns of :func:`row_columns` travel to the host whole (as ``rows.<name>`` vectors,
-    with ``binary`` a plain bool) and :func:`build_report` reduces them there: on small
-    batches the dozen reductions cost more as device ops than the transfer. The numbers
+    columns of :func:`row_columns` travel to the host whole (one ``(F, M)`` tensor
+    ``rows``, its column names in ``row_names`` and ``binary`` as plain Python values) and
+    :func:`build_report` reduces them there: on small batches the dozen reductions cost
+    more as device ops than the transfer. The numbers
     agree with the device path to rounding (tested). Cross-rank reduction needs the
     summaries as tensors, so the guard turns this off under ``torch.distributed``.
     """
@@ -120,7 +121,8 @@ def step_geometry(
         return {"delta_a": zero, "count": zero}, {"binding": empty, "values": empty}
     columns = row_columns(z, a, y)
     if summarize_on_host and count <= config.max_spread_values:
-        vectors: dict[str, Any] = {f"rows.{name}": column for name, column in columns.items()}
+        names = tuple(columns)
+        vectors: dict[str, Any] = {"rows": torch.stack([columns[n] for n in names]), "row_names": names}
         if positions is not None:
             vectors["positions"] = positions
         vectors["binary"] = z.shape[-1] <= 2
@@ -297,15 +299,17 @@ def sync_to_host(scalars: Mapping[str, Tensor], vectors: Mapping[str, Any]) -> d
 
 
 def _summarize_rows(values: Mapping[str, Any], binding_k: int) -> Mapping[str, Any]:
-    """Finish on the host what :func:`step_geometry` left as whole per-row columns (``rows.*``)."""
-    spread = values.get("rows.spread")
-    if spread is None:
+    """Finish on the host what :func:`step_geometry` left as whole per-row columns (``rows``)."""
+    names = values.get("row_names")
+    if names is None:
         return values
-    out = {k: v for k, v in values.items() if not k.startswith("rows.")}
-    if not spread:
+    out = {k: v for k, v in values.items() if k not in ("rows", "row_names")}
+    flat = values["rows"]
+    count = len(flat) // len(names)
+    if count == 0:
         return out
-    top2 = values["rows.top2"]
-    count = len(spread)
+    column = {name: flat[i * count : (i + 1) * count] for i, name in enumerate(names)}
+    spread, top2 = column["spread"], column["top2"]
     ordered = sorted(spread)
     last = count - 1
     quantiles = []
@@ -328,17 +332,17 @@ def _summarize_rows(values: Mapping[str, Any], binding_k: int) -> Mapping[str, A
     )
     if values.get("binary"):
         out["rho_binary"] = out["rho_top2"]
-    if "rows.collapsed" in values:
-        log_z = values["rows.log_z"]
+    if "collapsed" in column:
+        log_z = column["log_z"]
         out.update(
-            sc_fraction=sum(values["rows.collapsed"]) / count,
-            max_logit_gap=max(values["rows.gap"]),
+            sc_fraction=sum(column["collapsed"]) / count,
+            max_logit_gap=max(column["gap"]),
             logz_mean=math.fsum(log_z) / count,
             logz_sq_mean=math.fsum(x * x for x in log_z) / count,
-            nlm_cosine=math.fsum(values["rows.nlm"]) / count,
+            nlm_cosine=math.fsum(column["nlm"]) / count,
         )
-        if "rows.zero_loss" in values:
-            out["sc_zero_loss_fraction"] = sum(values["rows.zero_loss"]) / count
+        if "zero_loss" in column:
+            out["sc_zero_loss_fraction"] = sum(column["zero_loss"]) / count
     return out
 
 
