@@ -468,7 +468,9 @@ class GuardEngine:
         primals: dict[str, Tensor] = {}
         tangent: dict[str, Tensor] = {}
         for name, p, i in self._layout(measured, self._snapshot.params):
-            primals[name] = p.detach() if i is None else theta0[i]
+            # Each primal gets its own storage: a dual tensor made from a slice of the flat θ₀
+            # makes forward-mode AD give the whole buffer a tangent, once per parameter.
+            primals[name] = p.detach() if i is None else theta0[i].clone()
             tangent[name] = torch.zeros_like(p) if i is None else delta[i]
         used, scalars, vectors = measure_update(
             measured,

@@ -76,3 +76,25 @@ def test_a_new_parameter_list_rebinds() -> None:
     assert snapshot.bind(params[:2])
     snapshot.take()
     assert [t.shape for t in snapshot.theta0] == [p.shape for p in params[:2]]
+
+
+def test_the_jvp_does_not_give_the_flat_snapshot_a_tangent_per_parameter() -> None:
+    from stepguard import GuardConfig, StepGuard
+    from stepguard.bench import _cpu_allocations
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*[torch.nn.Linear(32, 32) for _ in range(24)])  # 48 tensors
+    guard = StepGuard(torch.optim.SGD(net.parameters(), lr=0.1), model=net, config=GuardConfig())
+    x = torch.randn(8, 32)
+    param_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
+
+    def step() -> None:
+        guard.zero_grad()
+        net(x).square().mean().backward()
+        guard.step()
+
+    step()
+    peak, _, _ = _cpu_allocations(step)
+    # θ₀ is resident already; Δθ, the unit tangent and the primals' copies are one copy each.
+    # A primal aliasing the flat buffer would add one whole copy per parameter tensor (48).
+    assert peak < 8 * param_bytes, peak / param_bytes
