@@ -111,3 +111,18 @@ def test_architecture_grid_tiny(tmp_path: Path) -> None:
     assert all(isinstance(v, float) and math.isfinite(v) for v in guard["loss"])
     # The paper's controller shrinks the spike step's learning rate.
     assert history["paper"]["0"]["scale"][spike_at] < 1
+
+
+def test_overhead_floor_tiny(tmp_path: Path) -> None:
+    out = tmp_path / "floor.json"
+    proc = run_example(
+        "overhead_floor.py", "--rounds", "2", "--block", "2", "--warmup", "2", "--json", str(out)
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = load(out)
+    rows = result["variants"]
+    assert list(rows) == ["plain", "floor estimated", "floor measured", "StepGuard budget", "StepGuard every 1"]
+    assert rows["plain"]["ratio"]["values"] == [1.0, 1.0]
+    for row in rows.values():
+        assert len(row["step_ms"]["values"]) == 2 and all(v > 0 for v in row["step_ms"]["values"])
+    assert "floor measured" in proc.stdout and "StepGuard every 1" in proc.stdout
