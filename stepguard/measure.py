@@ -365,9 +365,6 @@ def _estimated_report(
         delta, r = PI / rho, tau / rho
     else:
         delta, r = 0.0, math.nan
-    loss_value = values.get("loss")
-    if loss_value is None and isinstance(loss, (int, float)):
-        loss_value = float(loss)
     return StepReport(
         step=step,
         tau=tau,
@@ -378,7 +375,7 @@ def _estimated_report(
         applied_tau=tau,
         estimator="estimate",
         measured=False,
-        loss=loss_value,
+        loss=_loss_value(values, loss),
         lr=lr,
         source=source,
         **fields,
@@ -386,6 +383,14 @@ def _estimated_report(
 
 
 _NO_SPREAD = SpreadSummary()
+
+
+def _loss_value(values: Mapping[str, Any], loss: Any) -> float | None:
+    """The synced loss, else a plain number the caller passed."""
+    value = values.get("loss")
+    if value is None and isinstance(loss, (int, float)):
+        return float(loss)
+    return value
 
 
 def build_report(
@@ -434,9 +439,6 @@ def build_report(
         min=values.get("spread_min", 0.0),
         values=tuple(values.get("values", ())),
     )
-    loss_value = values.get("loss")
-    if loss_value is None and isinstance(loss, (int, float)):
-        loss_value = float(loss)
     return StepReport(
         step=step,
         tau=tau,
@@ -450,7 +452,7 @@ def build_report(
         rho_binary=values.get("rho_binary"),
         rho_top2=values.get("rho_top2"),
         binding=tuple(int(i) for i in values.get("binding", ())),
-        loss=loss_value,
+        loss=_loss_value(values, loss),
         lr=lr,
         grad_norm=values.get("grad_norm"),
         update_param_cosine=values.get("update_param_cosine"),
