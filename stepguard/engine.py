@@ -380,8 +380,8 @@ class GuardEngine:
     def _cost_tensors(self, like: Tensor) -> dict[str, Tensor]:
         """This rank's running costs, reduced with the measurement so every rank plans alike."""
 
-        def as_tensor(x: float | None) -> Tensor:
-            return torch.tensor(math.nan if x is None else x, dtype=torch.float64, device=like.device)
+        def as_tensor(x: float | None) -> Tensor:  # a fill, not a host-to-device copy (which would sync)
+            return torch.full((), math.nan if x is None else x, dtype=torch.float64, device=like.device)
 
         return {
             "cost_measure": as_tensor(self._measure_cost),

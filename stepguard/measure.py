@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from stepguard.config import GuardConfig
 from stepguard.geometry.formulas import PI
 from stepguard.geometry.jvp import Batch, EstimatorChoice, logit_velocities
-from stepguard.geometry.logits import LogitsFn, to_rows
+from stepguard.geometry.logits import LogitsFn, mask_rows
 from stepguard.report import Estimator, Source, SpreadSummary, StepReport
 
 QUANTILES = (0.99, 0.9, 0.5)
@@ -107,47 +107,85 @@ def step_geometry(
     agree with the device path to rounding (tested). Cross-rank reduction needs the
     summaries as tensors, so the guard turns this off under ``torch.distributed``.
     """
-    z, a, y, positions = to_rows(
-        logits, velocity, mask=mask, targets=targets, ignore_index=config.ignore_index
-    )
-    assert a is not None
+    z, a, y, keep = mask_rows(logits, velocity, mask=mask, targets=targets, ignore_index=config.ignore_index)
     if config.temperature != 1.0:
         z, a = z / config.temperature, a / config.temperature
     device = a.device
-    count = z.shape[0]
-    if count == 0:
-        empty = torch.zeros(0, dtype=torch.float64, device=device)
+    rows = z.shape[0]
+    if rows == 0:
         zero = torch.zeros((), dtype=torch.float64, device=device)
-        return {"delta_a": zero, "count": zero}, {"binding": empty, "values": empty}
+        return {"delta_a": zero, "count": zero}, {}
     columns = row_columns(z, a, y)
-    if summarize_on_host and count <= config.max_spread_values:
+    binary = z.shape[-1] <= 2
+    if summarize_on_host and rows <= config.max_spread_values:
         names = tuple(columns)
-        vectors: dict[str, Any] = {"rows": torch.stack([columns[n] for n in names]), "row_names": names}
-        if positions is not None:
-            vectors["positions"] = positions
-        vectors["binary"] = z.shape[-1] <= 2
-        return {}, vectors
+        stacked = [columns[n] for n in names]
+        if keep is not None:
+            names, stacked = (*names, "keep"), [*stacked, keep]
+        return {}, {"rows": torch.stack(stacked), "row_names": names, "binary": binary}
+    scalars, vectors = _device_summary(columns, keep, config.binding_k)
+    if binary:
+        scalars["rho_binary"] = scalars["rho_top2"]
+    if rows <= config.max_spread_values:  # spreads are ≥ 0: −1 marks a dropped row
+        spread = columns["spread"].to(torch.float64)
+        vectors["values"] = spread if keep is None else torch.where(keep, spread, -1.0)
+    return scalars, vectors
+
+
+def _device_summary(
+    columns: Mapping[str, Tensor], keep: Tensor | None, binding_k: int
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The batch summaries as device tensors, over the rows ``keep`` marks (no host sync).
+
+    With no row kept the maxima read 0 (−inf for the logit gap), the minima +inf and the
+    means 0: neutral under the cross-rank MAX, MIN and count-weighted means, and dropped
+    from the report by :func:`build_report` when the total count is 0.
+    """
     spread = columns["spread"].to(torch.float64)
     top2 = columns["top2"].to(torch.float64)
-    ordered = spread.sort().values
+    rows = spread.shape[0]
+    if keep is None:
+        count = torch.full((), float(rows), dtype=torch.float64, device=spread.device)
+        kept_spread, kept_top2 = spread, top2
+    else:
+        count = keep.sum().to(torch.float64)
+        kept_spread, kept_top2 = torch.where(keep, spread, math.inf), torch.where(keep, top2, math.inf)
+    ordered = kept_spread.sort().values  # dropped rows sort last
+    has = count > 0
+    last = (count - 1).clamp(min=0)
     scalars: dict[str, Tensor] = {
-        "delta_a": ordered[-1],
-        "count": torch.tensor(float(count), dtype=torch.float64, device=device),
-        "spread_mean": spread.mean(),
+        "delta_a": spread.max() if keep is None else torch.where(keep, spread, 0.0).max(),
+        "count": count,
+        "spread_mean": _masked_mean(spread, keep, count),
         "spread_min": ordered[0],
-        "spread_q": _quantiles(ordered, is_sorted=True),
-        "rho_top2": top2.min(),
-        **_reduce_columns(columns),
+        "spread_q": torch.stack([_quantile(ordered, last, q) for q in QUANTILES]).where(has, 0.0),
+        "rho_top2": kept_top2.min(),
+        **_reduce_columns(columns, keep, count),
     }
-    if z.shape[-1] <= 2:
-        scalars["rho_binary"] = scalars["rho_top2"]
-    k = min(config.binding_k, count)
-    empty = torch.zeros(0, dtype=torch.float64, device=device)
-    binding = torch.topk(top2, k, largest=False).indices if k else empty
-    if positions is not None and k:
-        binding = positions[binding]
-    values = spread if count <= config.max_spread_values else empty
-    return scalars, {"binding": binding.to(torch.float64), "values": values}
+    k = min(binding_k, rows)
+    binding = (
+        torch.topk(kept_top2, k, largest=False).indices
+        if k
+        else torch.zeros(0, dtype=torch.long, device=spread.device)
+    )
+    if keep is not None and k:  # −1 marks a dropped row
+        binding = torch.where(keep[binding], binding, -1)
+    return scalars, {"binding": binding.to(torch.float64)}
+
+
+def _quantile(ordered: Tensor, last: Tensor, q: float) -> Tensor:
+    """The q-quantile (linear interpolation) of the first ``last + 1`` sorted values; ``last`` a tensor."""
+    position = last * q
+    low = position.floor()
+    high = torch.minimum(low + 1, last)
+    values = ordered.gather(0, torch.stack([low, high]).long())
+    return torch.lerp(values[0], values[1], (position - low).to(ordered.dtype))
+
+
+def _masked_mean(x: Tensor, keep: Tensor | None, count: Tensor) -> Tensor:
+    if keep is None:
+        return x.mean()
+    return torch.where(keep, x, 0.0).sum() / count.clamp(min=1).to(x.dtype)
 
 
 def row_columns(z: Tensor, a: Tensor, targets: Tensor | None) -> dict[str, Tensor]:
@@ -213,21 +251,35 @@ def row_columns(z: Tensor, a: Tensor, targets: Tensor | None) -> dict[str, Tenso
     return out
 
 
-def _reduce_columns(columns: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The batch means and maxima of the diagnostic columns (device tensors)."""
+def _reduce_columns(
+    columns: Mapping[str, Tensor], keep: Tensor | None = None, count: Tensor | None = None
+) -> dict[str, Tensor]:
+    """The batch means and maxima of the diagnostic columns over the kept rows (device tensors)."""
     if "collapsed" not in columns:
         return {}
     log_z = columns["log_z"]
     wide = log_z.dtype
+    if keep is None:
+        out = {
+            "sc_fraction": columns["collapsed"].to(wide).mean(),
+            "max_logit_gap": columns["gap"].max(),
+            "logz_mean": log_z.mean(),
+            "logz_sq_mean": log_z.square().mean(),
+            "nlm_cosine": columns["nlm"].mean(),
+        }
+        if "zero_loss" in columns:
+            out["sc_zero_loss_fraction"] = columns["zero_loss"].to(wide).mean()
+        return out
+    assert count is not None
     out = {
-        "sc_fraction": columns["collapsed"].to(wide).mean(),
-        "max_logit_gap": columns["gap"].max(),
-        "logz_mean": log_z.mean(),
-        "logz_sq_mean": log_z.square().mean(),
-        "nlm_cosine": columns["nlm"].mean(),
+        "sc_fraction": _masked_mean(columns["collapsed"].to(wide), keep, count),
+        "max_logit_gap": torch.where(keep, columns["gap"], -math.inf).max(),
+        "logz_mean": _masked_mean(log_z, keep, count),
+        "logz_sq_mean": _masked_mean(log_z.square(), keep, count),
+        "nlm_cosine": _masked_mean(columns["nlm"], keep, count),
     }
     if "zero_loss" in columns:
-        out["sc_zero_loss_fraction"] = columns["zero_loss"].to(wide).mean()
+        out["sc_zero_loss_fraction"] = _masked_mean(columns["zero_loss"].to(wide), keep, count)
     return out
 
 
@@ -298,17 +350,33 @@ def sync_to_host(scalars: Mapping[str, Tensor], vectors: Mapping[str, Any]) -> d
     return out
 
 
-def _summarize_rows(values: Mapping[str, Any], binding_k: int) -> Mapping[str, Any]:
-    """Finish on the host what :func:`step_geometry` left as whole per-row columns (``rows``)."""
+def _summarize_rows(values: Mapping[str, Any], binding_k: int) -> dict[str, Any]:
+    """Finish on the host what :func:`step_geometry` left undone.
+
+    Whole per-row columns (``rows``, named by ``row_names``, with a ``keep`` column when
+    rows were masked) are reduced here; from the device path, the −1 markers of dropped
+    rows leave ``binding`` and ``values``. With no row counted, only ``count`` = 0 and
+    Δ_a = 0 remain.
+    """
+    out = {k: v for k, v in values.items() if k not in ("rows", "row_names")}
     names = values.get("row_names")
     if names is None:
-        return values
-    out = {k: v for k, v in values.items() if k not in ("rows", "row_names")}
-    flat = values["rows"]
-    count = len(flat) // len(names)
-    if count == 0:
+        for key in ("binding", "values"):
+            if key in out:
+                out[key] = [v for v in out[key] if v >= 0 or math.isnan(v)]
+        if out.get("count", 1) == 0:
+            return {k: v for k, v in out.items() if k not in _ROW_SUMMARIES}
         return out
-    column = {name: flat[i * count : (i + 1) * count] for i, name in enumerate(names)}
+    flat = values["rows"]
+    rows = len(flat) // len(names)
+    column = {name: flat[i * rows : (i + 1) * rows] for i, name in enumerate(names)}
+    kept = [i for i, k in enumerate(column["keep"]) if k] if "keep" in column else range(rows)
+    if len(kept) < rows:
+        column = {name: [col[i] for i in kept] for name, col in column.items()}
+    count = len(kept)
+    if count == 0:
+        out.update(count=0.0, delta_a=0.0)
+        return out
     spread, top2 = column["spread"], column["top2"]
     ordered = sorted(spread)
     last = count - 1
@@ -318,7 +386,6 @@ def _summarize_rows(values: Mapping[str, Any], binding_k: int) -> Mapping[str, A
         low = int(position)
         high = min(low + 1, last)
         quantiles.append(ordered[low] + (ordered[high] - ordered[low]) * (position - low))
-    positions = values.get("positions") or range(count)
     order = sorted(range(count), key=lambda i: (top2[i], i))[: min(binding_k, count)]
     out.update(
         count=float(count),
@@ -328,7 +395,7 @@ def _summarize_rows(values: Mapping[str, Any], binding_k: int) -> Mapping[str, A
         spread_mean=math.fsum(spread) / count,
         spread_q=quantiles,
         rho_top2=min(top2),
-        binding=[positions[i] for i in order],
+        binding=[kept[i] for i in order],
     )
     if values.get("binary"):
         out["rho_binary"] = out["rho_top2"]
@@ -344,6 +411,13 @@ def _summarize_rows(values: Mapping[str, Any], binding_k: int) -> Mapping[str, A
         if "zero_loss" in column:
             out["sc_zero_loss_fraction"] = sum(column["zero_loss"]) / count
     return out
+
+
+#: What a step with no counted row does not report (it keeps ``count`` = 0 and Δ_a = 0).
+_ROW_SUMMARIES = frozenset(
+    {"spread_mean", "spread_min", "spread_q", "rho_top2", "rho_binary", "binding", "values",
+     "sc_fraction", "sc_zero_loss_fraction", "max_logit_gap", "logz_mean", "logz_sq_mean", "nlm_cosine"}
+)
 
 
 def _estimated_report(

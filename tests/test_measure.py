@@ -98,3 +98,74 @@ def test_host_and_device_summaries_agree(classes) -> None:
         assert (h is None) == (d is None) == (classes == 1), name
         if h is not None:  # float64 sums on the host, float32 means on the device
             assert h == pytest.approx(d, rel=1e-6, abs=1e-7), name
+
+
+@pytest.mark.parametrize("on_host", [True, False])
+def test_masked_rows_host_and_device_agree_and_an_empty_step_reports_no_rows(on_host) -> None:
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(6, 5, 7, generator=gen)
+    a = torch.randn(6, 5, 7, generator=gen)
+    y = torch.randint(0, 7, (6, 5), generator=gen)
+    y[:, 3:] = -100
+    mask = torch.rand(6, 5, generator=gen) > 0.3
+    cfg = GuardConfig(binding_k=3)
+    scalars, vectors = step_geometry(z, a, targets=y, mask=mask, config=cfg, summarize_on_host=on_host)
+    report = build_report(
+        sync_to_host({"tau": torch.tensor(0.5), **scalars}, vectors), step=0, estimator="jvp",
+        measured=True, binding_k=3,
+    )
+    keep = (mask & (y != -100)).reshape(-1)
+    kept = keep.nonzero().squeeze(1)
+    z_rows, a_rows, y_rows = z.reshape(-1, 7)[kept], a.reshape(-1, 7)[kept], y.reshape(-1)[kept]
+    spreads = logit_spread(a_rows).double()
+    radii = top2_radius(z_rows, a_rows, y_rows).double()
+    assert report.spread.count == int(keep.sum())
+    assert report.delta_a == spreads.max().item()
+    assert report.spread.mean == pytest.approx(spreads.mean().item(), rel=1e-12)
+    assert report.rho_top2 == radii.min().item()
+    assert report.binding == tuple(kept[radii.argsort()[:3]].tolist())  # flat row positions
+    assert sorted(report.spread.values) == sorted(spreads.tolist())
+    ref = softmax_collapse_stats(z_rows, y_rows)
+    assert report.logz_mean == pytest.approx(ref["logz_mean"].item(), rel=1e-6)
+    assert report.nlm_cosine == pytest.approx(nlm_cosine(z_rows, a_rows).item(), rel=1e-5, abs=1e-7)
+
+    nothing = torch.zeros(6, 5, dtype=torch.bool)
+    scalars, vectors = step_geometry(z, a, targets=y, mask=nothing, config=cfg, summarize_on_host=on_host)
+    empty = build_report(
+        sync_to_host({"tau": torch.tensor(0.5), **scalars}, vectors), step=0, estimator="jvp", measured=True
+    )
+    assert empty.spread.count == 0 and empty.delta_a == 0.0 and empty.r == 0.0
+    assert empty.rho_top2 is None and empty.binding == () and empty.sc_fraction is None
+
+
+def test_measuring_a_masked_batch_forces_no_host_sync() -> None:
+    """No op that makes a GPU wait (nonzero, item, masked_select …) runs before the one transfer."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from stepguard.geometry.jvp import Batch
+    from stepguard.measure import measure_update
+
+    syncing = {"nonzero", "_local_scalar_dense", "masked_select", "is_nonzero", "equal", "unique", "_unique2"}
+    seen: list[str] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))
+    theta = {n: p.detach().clone() for n, p in net.named_parameters()}
+    update = {n: torch.randn_like(p) for n, p in net.named_parameters()}
+    x = torch.randn(3, 8, 4)
+    y = torch.randint(0, 5, (3, 8))
+    y[0, 5:] = -100
+    mask = torch.rand(3, 8) > 0.2
+    for on_host in (True, False):
+        seen.clear()
+        with Record():
+            measure_update(
+                net, theta, update, torch.tensor(2.0), Batch.from_inputs(x), config=GuardConfig(),
+                targets=y, mask=mask, summarize_on_host=on_host,
+            )
+        assert "aminmax" in seen and not syncing & set(seen), sorted(syncing & set(seen))

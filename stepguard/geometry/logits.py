@@ -84,23 +84,15 @@ def to_rows(
     keep: Tensor | None = None
     y: Tensor | None = None
     if targets is not None:
-        if tuple(targets.shape) != tuple(lead):
-            raise ValueError(
-                f"targets have shape {tuple(targets.shape)} but the logits' rows have "
-                f"shape {tuple(lead)}; pass one class index per sample (or position)"
-            )
+        _check_rows("targets", targets, lead)
         y = targets.reshape(-1).to(device=z.device)
         if ignore_index is not None:
             keep = y != ignore_index
     if mask is not None:
-        if tuple(mask.shape) != tuple(lead):
-            raise ValueError(
-                f"mask has shape {tuple(mask.shape)} but the logits' rows have shape "
-                f"{tuple(lead)}; pass a boolean mask with one entry per sample (or position)"
-            )
+        _check_rows("mask", mask, lead)
         m = mask.reshape(-1).to(device=z.device, dtype=torch.bool)
         keep = m if keep is None else keep & m
-    if keep is None or bool(keep.all()):
+    if keep is None:
         return z, a, y, None
     positions = keep.nonzero().squeeze(-1)
     return (
@@ -108,4 +100,59 @@ def to_rows(
         None if a is None else a.index_select(0, positions),
         None if y is None else y.index_select(0, positions),
         positions,
+    )
+
+
+def mask_rows(
+    logits: Tensor,
+    velocity: Tensor,
+    *,
+    mask: Tensor | None = None,
+    targets: Tensor | None = None,
+    ignore_index: int | None = -100,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """:func:`to_rows` without dropping anything: the rows and a ``keep`` mask, with no host sync.
+
+    Dropping rows needs their number on the host (``nonzero``), which on a GPU waits for
+    every queued kernel; the guard instead keeps every row and masks its statistics, so a
+    measured step synchronizes once, when its numbers are read. Targets of dropped rows
+    are replaced by 0, so they can still index the class dimension.
+
+    Returns:
+        ``(logit_rows, velocity_rows, target_rows, keep)``; ``keep`` is ``None`` when no
+        mask or target can drop a row.
+    """
+    if logits.ndim == 1:
+        logits = logits.unsqueeze(-1)
+        velocity = velocity.unsqueeze(-1)
+    lead = logits.shape[:-1]
+    k = logits.shape[-1]
+    z = logits.reshape(-1, k)
+    a = velocity.reshape(-1, k)
+    keep: Tensor | None = None
+    y: Tensor | None = None
+    if targets is not None:
+        _check_rows("targets", targets, lead)
+        y = targets.reshape(-1).to(device=z.device)
+        if ignore_index is not None:
+            keep = y != ignore_index
+            y = torch.where(keep, y, 0)
+    if mask is not None:
+        _check_rows("mask", mask, lead)
+        m = mask.reshape(-1).to(device=z.device, dtype=torch.bool)
+        keep = m if keep is None else keep & m
+    return z, a, y, keep
+
+
+def _check_rows(name: str, value: Tensor, lead: torch.Size) -> None:
+    if tuple(value.shape) == tuple(lead):
+        return
+    if name == "targets":
+        raise ValueError(
+            f"targets have shape {tuple(value.shape)} but the logits' rows have "
+            f"shape {tuple(lead)}; pass one class index per sample (or position)"
+        )
+    raise ValueError(
+        f"mask has shape {tuple(value.shape)} but the logits' rows have shape "
+        f"{tuple(lead)}; pass a boolean mask with one entry per sample (or position)"
     )
