@@ -142,3 +142,42 @@ def test_budget_round_trips_through_state_dict() -> None:
     other = StepGuard(torch.optim.Adam(net_().parameters(), lr=1e-3), model=net_(), budget=0.2)
     other.load_state_dict(guard.state_dict())
     assert other.engine.schedule.state_dict() == saved
+
+
+class FakeClock:
+    """Stands in for time.perf_counter inside the engine: each call advances by ``tick``."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.tick = 1e-6
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+def test_budget_costs_leave_out_the_first_replay_and_pauses(monkeypatch) -> None:
+    import stepguard.engine as engine_module
+
+    clock = FakeClock()
+    monkeypatch.setattr(engine_module.time, "perf_counter", clock)
+    net = net_()
+    guard = StepGuard(torch.optim.SGD(net.parameters(), lr=1e-3), model=net, budget=0.1)
+    engine = guard.engine
+    x, y = torch.randn(8, 10), torch.randint(0, 5, (8,))
+
+    def step(work: float) -> None:
+        guard.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        clock.now += work  # the training step's own time, outside the guard
+        guard.step()
+
+    step(0.01)  # the first step: measured, its replay's set-up is not a running cost
+    assert engine._measure_cost is None and engine.schedule.measure_cost is None
+    for _ in range(3):
+        step(0.01)
+    assert engine._measure_cost is not None  # the second measurement is a running cost
+    assert engine._period == pytest.approx(0.01, rel=0.01)  # T: the step without the guard
+    step(10.0)  # an evaluation loop between two steps: a pause, not a step period
+    assert engine._period == pytest.approx(0.01, rel=0.01)
+    assert engine.schedule.step_period == pytest.approx(0.01, rel=0.01)
