@@ -82,15 +82,17 @@ class Update:
         """Δθ at fixed coordinates (one index tensor per group), in the widest dtype present."""
         if len(self.flats) == 1:
             return self.flats[0].index_select(0, indices[0])
-        return torch.cat([f.index_select(0, i) for f, i in zip(self.flats, indices, strict=True)])
+        device = self.tau.device
+        return torch.cat([f.index_select(0, i).to(device) for f, i in zip(self.flats, indices, strict=True)])
 
     def cosine_with_theta0(self) -> Tensor:
         """cos(Δθ, θ₀) = ⟨Δθ, θ₀⟩/(‖Δθ‖‖θ₀‖), 0 when either is zero (0-d float64)."""
         dots, norms = [], []
         for group, flat in zip(self.groups, self.flats, strict=True):
             wide = group.accumulate
-            dots.append(torch.dot(flat.to(wide), group.theta0.to(wide)).to(torch.float64))
-            norms.append(torch.linalg.vector_norm(group.theta0, dtype=wide).to(torch.float64))
+            device = self.tau.device
+            dots.append(torch.dot(flat.to(wide), group.theta0.to(wide)).to(device, torch.float64))
+            norms.append(torch.linalg.vector_norm(group.theta0, dtype=wide).to(device, torch.float64))
         dot = dots[0] if len(dots) == 1 else torch.stack(dots).sum()
         theta_norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
         denominator = self.tau.to(torch.float64) * theta_norm
@@ -173,5 +175,6 @@ class ParameterSnapshot:
             tau = norms[0]
         else:
             wide = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
-            tau = torch.linalg.vector_norm(torch.stack([n.to(wide) for n in norms]))
+            device = norms[0].device  # parameters may live on several devices (model parallel)
+            tau = torch.linalg.vector_norm(torch.stack([n.to(device, wide) for n in norms]))
         return Update(self.groups, flats, tau)
