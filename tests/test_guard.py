@@ -465,3 +465,50 @@ def test_a_veto_can_keep_the_optimizer_state_update() -> None:
     for p, p0 in zip(net.parameters(), before, strict=True):
         assert torch.equal(p.detach(), p0)
     assert_same_state(state_of(guard.optimizer), state_of(ref_opt))  # moments moved as in plain Adam
+
+
+def test_optimizer_step_hooks_run_around_the_guarded_step() -> None:
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    torch.manual_seed(0)
+    net = make_net()
+    guard = StepGuard(torch.optim.SGD(net.parameters(), lr=0.1), model=net)
+    calls: list[tuple[str, object, dict]] = []
+
+    def pre(opt, args, kwargs):
+        calls.append(("pre", opt, dict(kwargs)))
+        return args, {**kwargs, "loss": 3.0}  # a pre-hook may replace the arguments
+
+    handles = [
+        guard.register_step_pre_hook(pre),
+        guard.register_step_post_hook(lambda opt, args, kwargs: calls.append(("post", opt, dict(kwargs)))),
+        register_optimizer_step_pre_hook(lambda opt, args, kwargs: calls.append(("global pre", opt, {}))),
+        register_optimizer_step_post_hook(lambda opt, args, kwargs: calls.append(("global post", opt, {}))),
+    ]
+    try:
+        x, y = batch()
+        backward(net, x, y)
+        report = guard.step(targets=y)
+    finally:
+        for handle in handles:
+            handle.remove()
+    # the inner SGD's own wrapper runs the global hooks once more, for itself
+    assert [(name, opt is guard) for name, opt, _ in calls] == [
+        ("global pre", True), ("pre", True), ("global pre", False), ("global post", False),
+        ("post", True), ("global post", True),
+    ]
+    assert calls[1][2] == {"targets": y} and calls[4][2]["loss"] == 3.0
+    assert report.loss == 3.0
+
+
+def test_the_guarded_step_shows_in_the_profiler() -> None:
+    from torch.profiler import profile
+
+    torch.manual_seed(0)
+    net = make_net()
+    guard = StepGuard(torch.optim.SGD(net.parameters(), lr=0.1), model=net)
+    x, y = batch()
+    backward(net, x, y)
+    with profile() as prof:
+        guard.step()
+    assert "Optimizer.step#StepGuard.step" in {event.name for event in prof.events()}
