@@ -17,9 +17,10 @@ from typing import Any, Literal
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
-from torch.func import functional_call, jvp, vmap
+from torch.func import jvp, vmap
 
 from stepguard.geometry.logits import LogitsFn, extract_logits
+from stepguard.geometry.swap import call_with
 
 logger = logging.getLogger("stepguard.geometry")
 
@@ -207,7 +208,7 @@ def logit_velocities(
     stacked = [{n: t[n] for n in names} for t in tangents]
 
     def logits_at(theta: Mapping[str, Tensor]) -> Tensor:
-        out = functional_call(model, theta, batch.args, batch.kwargs, strict=False)
+        out = call_with(model, theta, batch.args, batch.kwargs)
         return extract_logits(out, logits_fn)
 
     if estimator in ("auto", "jvp"):
