@@ -10,8 +10,8 @@ all with eager PyTorch on this machine? It times, interleaved in the same proces
   a 4096-coordinate sketch of Δθ and its dot product with a fixed reference, all read
   to the host in one transfer;
 * ``floor measured``: the estimated floor plus a forward-mode JVP of the logits at θ₀
-  along Δθ (dual tensors through ``torch.func.functional_call``) and Δ_a = max row
-  spread, read with τ;
+  along Δθ (dual tensors swapped in for the parameters, as the guard does) and
+  Δ_a = max row spread, read with τ;
 * ``StepGuard budget`` and ``StepGuard every 1``: the real guard (policy monitor).
 
 The floors have no capture hook, no replay of the RNG or of batch statistics, no
@@ -36,11 +36,11 @@ from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
-from torch.func import functional_call
 
 from stepguard import GuardConfig, StepGuard
 from stepguard.bench import machine_info, summarize, write_json
 from stepguard.bench_models import BUILTIN, builtin_workload
+from stepguard.geometry.swap import call_with
 
 SKETCH = 4096
 
@@ -117,7 +117,7 @@ class Runner:
                 n: fwAD.make_dual(t0.view_as(p).clone(), d.view_as(p))
                 for n, t0, d, p in zip(self.names, theta0, tangents, self.params, strict=True)
             }
-            logits = functional_call(self.model, duals, (batch.inputs,), strict=False)
+            logits = call_with(self.model, duals, (batch.inputs,), {})
             velocity = fwAD.unpack_dual(logits).tangent
         velocity = velocity.reshape(-1, velocity.shape[-1])
         low, high = torch.aminmax(velocity, dim=-1)
