@@ -8,6 +8,7 @@ so a replayed transition and the live step it came from report the same numbers.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -388,7 +389,7 @@ def _summarize_rows(values: Mapping[str, Any], binding_k: int) -> dict[str, Any]
         low = int(position)
         high = min(low + 1, last)
         quantiles.append(ordered[low] + (ordered[high] - ordered[low]) * (position - low))
-    order = sorted(range(count), key=lambda i: (top2[i], i))[: min(binding_k, count)]
+    order = heapq.nsmallest(binding_k, range(count), key=top2.__getitem__)  # stable: ties by row
     out.update(
         count=float(count),
         values=spread,

@@ -86,7 +86,11 @@ class Update:
         return torch.cat([f.index_select(0, i).to(device) for f, i in zip(self.flats, indices, strict=True)])
 
     def cosine_with_theta0(self) -> Tensor:
-        """cos(Δθ, θ₀) = ⟨Δθ, θ₀⟩/(‖Δθ‖‖θ₀‖), 0 when either is zero (0-d float64)."""
+        """cos(Δθ, θ₀) = ⟨Δθ, θ₀⟩/(‖Δθ‖‖θ₀‖), 0 when either is zero (0-d, float32 or wider)."""
+        if len(self.groups) == 1 and self.flats[0].dtype in (torch.float32, torch.float64):
+            flat, theta0 = self.flats[0], self.groups[0].theta0
+            ratio = torch.dot(flat, theta0) / (self.tau * torch.linalg.vector_norm(theta0))
+            return torch.nan_to_num(ratio, nan=0.0)  # 0/0: one of the two vectors is zero
         dots, norms = [], []
         for group, flat in zip(self.groups, self.flats, strict=True):
             wide = group.accumulate

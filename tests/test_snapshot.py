@@ -98,3 +98,17 @@ def test_the_jvp_does_not_give_the_flat_snapshot_a_tangent_per_parameter() -> No
     # θ₀ is resident already; Δθ, the unit tangent and the primals' copies are one copy each.
     # A primal aliasing the flat buffer would add one whole copy per parameter tensor (48).
     assert peak < 8 * param_bytes, peak / param_bytes
+
+
+def test_cosine_with_theta0_of_one_group_and_of_a_still_step() -> None:
+    params = [p for p in _params() if p.dtype == torch.float32]
+    snapshot = ParameterSnapshot()
+    snapshot.bind(params)
+    snapshot.take()
+    assert len(snapshot.groups) == 1
+    assert snapshot.difference().cosine_with_theta0().item() == 0.0  # Δθ = 0
+    before = [p.detach().clone() for p in params]
+    _move(params)
+    update = snapshot.difference()
+    expected = update_param_cosine(update.views(), before).item()
+    assert update.cosine_with_theta0().item() == pytest.approx(expected, rel=1e-5)
