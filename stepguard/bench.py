@@ -93,6 +93,7 @@ class BenchSettings:
         every: the ``measure_every`` values to time.
         budget: the budget of budget mode (None: skip it).
         policy: the guard's policy in the timed variants.
+        diagnostics: ``GuardConfig.diagnostics`` of the timed guards.
         steps: steps per timed block (rounded up to a multiple of every ``every``).
         rounds: timed rounds (each runs one block of every variant).
         warmup: untimed steps of every variant before the rounds.
@@ -115,6 +116,7 @@ class BenchSettings:
     every: tuple[int, ...] = (1, 4, 16)
     budget: float | None = 0.10
     policy: str = "monitor"
+    diagnostics: bool = True
     steps: int = 32
     rounds: int = 15
     warmup: int = 32
@@ -173,12 +175,19 @@ def make_guard(
     measure_every: int = 1,
     budget: float | None = None,
     sinks: Sequence[Any] = (),
+    diagnostics: bool = True,
 ) -> StepGuard:
     """A guard measuring every ``measure_every`` steps, or in budget mode when ``budget`` is given.
 
     Raises:
         RuntimeError: ``budget`` is given but the installed StepGuard has no budget mode.
     """
+    if not diagnostics:  # a StepGuard that predates the option measures everything
+        options = {"measure_every": measure_every, "diagnostics": False}
+        if budget is not None:
+            options["budget"] = budget
+        config = GuardConfig(**options)
+        return StepGuard(optimizer, model=model, policy=policy, sinks=sinks, config=config)
     if budget is None:
         return StepGuard(
             optimizer,
@@ -233,6 +242,7 @@ class Variant:
         measure_every: the guard's ``measure_every`` (ignored in budget mode).
         budget: the guard's budget (None: fixed schedule).
         policy: the guard's policy.
+        diagnostics: ``GuardConfig.diagnostics`` (False: radius, spread and binding only).
     """
 
     name: str
@@ -240,6 +250,7 @@ class Variant:
     measure_every: int = 1
     budget: float | None = None
     policy: str = "monitor"
+    diagnostics: bool = True
 
 
 class Runner:
@@ -282,6 +293,7 @@ class Runner:
                 measure_every=variant.measure_every,
                 budget=variant.budget,
                 sinks=sinks,
+                diagnostics=variant.diagnostics,
             )
         self.optimizer: torch.optim.Optimizer = self.guard if self.guard is not None else self.inner
         self.cursor = 0
@@ -357,14 +369,23 @@ def _sync(device: torch.device) -> None:
 def variants_for(settings: BenchSettings) -> tuple[list[Variant], str | None]:
     """The plain variant, one per ``every`` and budget mode; and why budget mode is skipped."""
     variants = [Variant("plain", guarded=False)]
-    variants += [Variant(f"every {e}", True, measure_every=e, policy=settings.policy) for e in settings.every]
+    variants += [
+        Variant(f"every {e}", True, measure_every=e, policy=settings.policy, diagnostics=settings.diagnostics)
+        for e in settings.every
+    ]
     skipped = None
     if settings.budget is not None:
         if budget_support() is None:
             skipped = "the installed StepGuard has no budget= argument (budget mode not available yet)"
         else:
             variants.append(
-                Variant(f"budget {settings.budget:g}", True, budget=settings.budget, policy=settings.policy)
+                Variant(
+                    f"budget {settings.budget:g}",
+                    True,
+                    budget=settings.budget,
+                    policy=settings.policy,
+                    diagnostics=settings.diagnostics,
+                )
             )
     else:
         skipped = "not requested"
@@ -564,7 +585,7 @@ def profile_guard(workload: Workload, settings: BenchSettings, device: torch.dev
     """cProfile of ``steps`` guarded steps (measuring every step) after a warm-up: the top functions."""
     runner = Runner(
         workload,
-        Variant("every 1", True, policy=settings.policy),
+        Variant("every 1", True, policy=settings.policy, diagnostics=settings.diagnostics),
         lr=settings.lr,
         seed=settings.seed,
         device=device,
@@ -697,7 +718,8 @@ def format_table(result: Mapping[str, Any]) -> str:
         f"StepGuard overhead — {m['date']}, torch {m['torch']}, {m['device']}, "
         f"{m['threads']} thread(s) of {m['cpu_count']} CPUs, load {_load(m)}",
         f"{s['rounds']} rounds x {s['block']} steps per variant, interleaved, after {s['warmup']} warm-up "
-        f"steps; policy {s['policy']}; median step time over rounds, ratio = guarded / plain, "
+        f"steps; policy {s['policy']}{'' if s.get('diagnostics', True) else ', radius only'}; "
+        "median step time over rounds, ratio = guarded / plain, "
         "[min-max] of the per-round ratios",
     ]
     for entry in result["models"]:
@@ -815,6 +837,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     how.add_argument("--budget", type=float, default=d.budget, help="budget of budget mode (default 0.10)")
     how.add_argument("--no-budget", action="store_true", help="skip budget mode")
     how.add_argument("--policy", choices=("monitor", "clip", "veto"), default=d.policy, help="guard policy")
+    how.add_argument(
+        "--no-diagnostics",
+        action="store_true",
+        help="guards measure the radius only (GuardConfig(diagnostics=False))",
+    )
     how.add_argument("--steps", type=int, default=d.steps, help="steps per timed block (default 32)")
     how.add_argument("--rounds", type=int, default=d.rounds, help="timed rounds (default 15)")
     how.add_argument("--warmup", type=int, default=d.warmup, help="warm-up steps per variant (default 32)")
@@ -852,6 +879,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         every=args.every,
         budget=None if args.no_budget else args.budget,
         policy=args.policy,
+        diagnostics=not args.no_diagnostics,
         steps=args.steps,
         rounds=args.rounds,
         warmup=args.warmup,

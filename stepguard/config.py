@@ -20,8 +20,13 @@ class GuardConfig(BaseModel):
         measure_every: measure with a fresh JVP every this many steps; in between, r is
             estimated as τ_t/ρ_a(last measured direction), and a jump of τ, an estimate
             near the boundary or a turn of the direction forces a fresh measurement.
-        budget: instead of a fixed interval, keep the guard's own time near this fraction
-            of the step time (e.g. 0.10), with the same triggers.
+        budget: instead of a fixed interval, keep the guard's own time within this
+            fraction of the step's time without the guard (e.g. 0.10), with the same
+            triggers.
+        diagnostics: with each measurement, also compute the softmax-collapse fractions,
+            the log Z moments, the largest logit gap and the NLM cosine (about 20 small
+            tensor ops; ``False`` keeps the radius, spread and binding rows only, for the
+            cheapest every-step guard).
         tau_jump, r_alert, min_cosine: the triggers (see :mod:`stepguard.schedule`).
         distributed: ``"auto"`` reduces measurements across ``torch.distributed`` ranks
             before deciding (Δ_a by MAX, counts by SUM), so every rank takes the same
@@ -44,6 +49,7 @@ class GuardConfig(BaseModel):
     fd_epsilon: float | None = Field(default=None, gt=0)
     measure_every: int = Field(default=1, ge=1)
     budget: float | None = Field(default=None, gt=0, lt=1)
+    diagnostics: bool = True
     tau_jump: float = Field(default=1.5, gt=1)
     r_alert: float = Field(default=0.5, gt=0)
     min_cosine: float = Field(default=0.5, ge=-1, le=1)

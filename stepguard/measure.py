@@ -118,7 +118,7 @@ def step_geometry(
     if rows == 0:
         zero = torch.zeros((), dtype=torch.float64, device=device)
         return {"delta_a": zero, "count": zero}, {}
-    columns = row_columns(z, a, y)
+    columns = row_columns(z, a, y, diagnostics=config.diagnostics)
     binary = z.shape[-1] <= 2
     if summarize_on_host and rows <= config.max_spread_values:
         names = tuple(columns)
@@ -191,7 +191,9 @@ def _masked_mean(x: Tensor, keep: Tensor | None, count: Tensor) -> Tensor:
     return torch.where(keep, x, 0.0).sum() / count.clamp(min=1).to(x.dtype)
 
 
-def row_columns(z: Tensor, a: Tensor, targets: Tensor | None) -> dict[str, Tensor]:
+def row_columns(
+    z: Tensor, a: Tensor, targets: Tensor | None, *, diagnostics: bool = True
+) -> dict[str, Tensor]:
     """Every per-row quantity of one step, one (M,) column each, in as few tensor ops as it takes.
 
     * ``spread``: Δ_n = max_k a − min_k a (|a| for a one-logit head).
@@ -205,7 +207,8 @@ def row_columns(z: Tensor, a: Tensor, targets: Tensor | None) -> dict[str, Tenso
 
     The cross-entropy-free identities used: log Z = max z + log Σ exp(z − max z), sharing
     the sum that decides collapse (float32 or wider; half-precision logits get their own
-    float32 sum for log Z, their collapse is decided in their own dtype).
+    float32 sum for log Z, their collapse is decided in their own dtype). With
+    ``diagnostics=False`` only ``spread`` and ``top2`` are computed.
     """
     if z.shape[-1] == 1:
         s, slope = z[:, 0], a[:, 0]
@@ -230,6 +233,8 @@ def row_columns(z: Tensor, a: Tensor, targets: Tensor | None) -> dict[str, Tenso
             margin = pair_z[:, 0] - pair_z[:, 1]
         pair = a.gather(1, pair_index)
         top2 = _modulus(margin, pair[:, 1] - pair[:, 0])
+    if not diagnostics:
+        return {"spread": spread, "top2": top2}
     wide = torch.float64 if z.dtype == torch.float64 else torch.float32
     total = (z - best.values[:, :1]).exp().sum(dim=-1)
     collapsed = total == 1

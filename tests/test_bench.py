@@ -263,3 +263,18 @@ def test_summarize() -> None:
     s = bench.summarize([3.0, 1.0, 2.0])
     assert (s["median"], s["min"], s["max"]) == (2.0, 1.0, 3.0)
     assert math.isnan(bench.summarize([])["median"])
+
+
+def test_no_diagnostics_reaches_every_timed_guard() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    settings = bench.settings_from_args(parser.parse_args(["--models", "mlp", "--no-diagnostics"]))
+    assert settings.diagnostics is False
+    variants, _ = bench.variants_for(settings)
+    assert [v.diagnostics for v in variants if v.guarded] == [False] * (len(variants) - 1)
+    net = torch.nn.Linear(3, 2)
+    for budget in (None, 0.1):
+        guard = bench.make_guard(torch.optim.SGD(net.parameters(), lr=0.1), net, budget=budget, diagnostics=False)
+        assert guard.config.diagnostics is False and guard.config.budget == budget

@@ -169,3 +169,22 @@ def test_measuring_a_masked_batch_forces_no_host_sync() -> None:
                 targets=y, mask=mask, summarize_on_host=on_host,
             )
         assert "aminmax" in seen and not syncing & set(seen), sorted(syncing & set(seen))
+
+
+@pytest.mark.parametrize("on_host", [True, False])
+def test_without_diagnostics_the_radius_is_the_same_and_the_diagnostics_are_absent(on_host) -> None:
+    gen = torch.Generator().manual_seed(4)
+    z, a = torch.randn(20, 6, generator=gen), torch.randn(20, 6, generator=gen)
+    y = torch.randint(0, 6, (20,), generator=gen)
+    reports = []
+    for diagnostics in (True, False):
+        cfg = GuardConfig(diagnostics=diagnostics)
+        scalars, vectors = step_geometry(z, a, targets=y, mask=None, config=cfg, summarize_on_host=on_host)
+        values = sync_to_host({"tau": torch.tensor(0.5), **scalars}, vectors)
+        reports.append(build_report(values, step=0, estimator="jvp", measured=True))
+    full, lean = reports
+    assert (lean.delta_a, lean.rho_top2, lean.binding, lean.spread) == (
+        full.delta_a, full.rho_top2, full.binding, full.spread
+    )
+    assert full.sc_fraction is not None and full.nlm_cosine is not None
+    assert lean.sc_fraction is None and lean.nlm_cosine is None and lean.logz_mean is None
