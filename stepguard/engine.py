@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from stepguard.capture import ForwardCapture, unwrap_model
 from stepguard.config import GuardConfig
+from stepguard.costs import CostMeter
 from stepguard.diagnostics import EntanglementProbe
 from stepguard.distributed import is_distributed, rank_and_world, reduce_across_ranks
 from stepguard.geometry.jvp import Batch
@@ -149,8 +150,6 @@ class GuardEngine:
         self._t_start = 0.0
         self._t_before = 0.0
         self._snap_seconds = 0.0
-        self._measure_cost: float | None = None
-        self._first_measurement = True
         self._in_step = False
         self._probe: EntanglementProbe | None = None
         cfg = self.config
@@ -165,9 +164,7 @@ class GuardEngine:
         self._pre: dict[str, Any] | None = None
         self._layout_cache: tuple[Any, list[tuple[str, Tensor, int | None]]] | None = None
         self._sketch_ref: tuple[Tensor, Tensor] | None = None
-        self._idle_cost: float | None = None
-        self._period: float | None = None
-        self._last_end: float | None = None
+        self.costs = CostMeter()
         self._distributed = cfg.distributed == "auto" and is_distributed()
         self._rank, self._world = rank_and_world() if self._distributed else (0, 1)
 
@@ -269,7 +266,7 @@ class GuardEngine:
         t = time.perf_counter()
         if self._distributed:
             if measure:
-                tensors.update(self._cost_tensors(tau_t))
+                tensors.update(self.costs.tensors(tau_t))
                 tensors = reduce_across_ranks(tensors)
             else:
                 # no collective on an estimated step: keep only what every rank shares
@@ -377,18 +374,6 @@ class GuardEngine:
             self._sketch_index = self._snapshot.sketch_indices(_SKETCH_SIZE)
         return update.sketch(self._sketch_index)
 
-    def _cost_tensors(self, like: Tensor) -> dict[str, Tensor]:
-        """This rank's running costs, reduced with the measurement so every rank plans alike."""
-
-        def as_tensor(x: float | None) -> Tensor:  # a fill, not a host-to-device copy (which would sync)
-            return torch.full((), math.nan if x is None else x, dtype=torch.float64, device=like.device)
-
-        return {
-            "cost_measure": as_tensor(self._measure_cost),
-            "cost_idle": as_tensor(self._idle_cost),
-            "cost_period": as_tensor(self._period),
-        }
-
     def _account(self, measured: bool, values: Mapping[str, Any], timings: Mapping[str, float]) -> None:
         """Keep the running costs the budget needs, identical on every rank.
 
@@ -398,31 +383,15 @@ class GuardEngine:
         at a measured step (this rank's running averages travel with the measurement).
         """
         now = time.perf_counter()
-        own = now - self._t_start - timings["optimizer"]
-        if self._last_end is not None:
-            plain = now - self._last_end - own  # the step without the guard
-            if self._period is None or plain <= _PAUSE * self._period:  # longer: a pause (evaluation …)
-                self._period = _ema(self._period, plain)
-        self._last_end = now
-        if measured:
-            if self._first_measurement:  # one-time set-up of the replay: not a running cost
-                self._first_measurement = False
-            else:
-                self._measure_cost = _ema(self._measure_cost, _clipped(own, self._measure_cost))
-            self.schedule.measured(values["tau"])
-            if self.schedule.budget is not None:
-                cost = values.get("cost_measure", self._measure_cost)
-                idle = values.get("cost_idle", self._idle_cost)
-                period = values.get("cost_period", self._period)
-                if cost is not None and not math.isnan(cost):
-                    self.schedule.set_costs(
-                        measure=cost,
-                        idle=None if idle is None or math.isnan(idle) else idle,
-                        period=None if period is None or math.isnan(period) else period,
-                    )
-        else:
-            self._idle_cost = _ema(self._idle_cost, _clipped(own, self._idle_cost))
+        self.costs.record(measured=measured, own=now - self._t_start - timings["optimizer"], now=now)
+        if not measured:
             self.schedule.skipped()
+            return
+        self.schedule.measured(values["tau"])
+        if self.schedule.budget is not None:
+            plan = self.costs.plan(values)
+            if plan is not None:
+                self.schedule.set_costs(**plan)
 
     # ---------------------------------------------------------------- measurement
 
@@ -621,15 +590,3 @@ def _unit(v: Tensor | None) -> tuple[Tensor, Tensor] | None:
         return None
     norm = torch.linalg.vector_norm(v)
     return torch.where(norm > 0, v / torch.where(norm > 0, norm, 1.0), v), norm
-
-
-_PAUSE = 4.0
-"""A cost or gap more than this many times its running average is an outlier (a pause, a warm-up)."""
-
-
-def _clipped(sample: float, average: float | None) -> float:
-    return sample if average is None else min(sample, _PAUSE * average)
-
-
-def _ema(old: float | None, new: float, decay: float = 0.8) -> float:
-    return new if old is None else decay * old + (1 - decay) * new

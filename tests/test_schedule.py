@@ -173,11 +173,32 @@ def test_budget_costs_leave_out_the_first_replay_and_pauses(monkeypatch) -> None
         guard.step()
 
     step(0.01)  # the first step: measured, its replay's set-up is not a running cost
-    assert engine._measure_cost is None and engine.schedule.measure_cost is None
+    assert engine.costs.measure is None and engine.schedule.measure_cost is None
     for _ in range(3):
         step(0.01)
-    assert engine._measure_cost is not None  # the second measurement is a running cost
-    assert engine._period == pytest.approx(0.01, rel=0.01)  # T: the step without the guard
+    assert engine.costs.measure is not None  # the second measurement is a running cost
+    assert engine.costs.plain == pytest.approx(0.01, rel=0.01)  # T: the step without the guard
     step(10.0)  # an evaluation loop between two steps: a pause, not a step period
-    assert engine._period == pytest.approx(0.01, rel=0.01)
+    assert engine.costs.plain == pytest.approx(0.01, rel=0.01)
     assert engine.schedule.step_period == pytest.approx(0.01, rel=0.01)
+
+
+def test_cost_meter_averages_clips_outliers_and_plans_with_reduced_costs() -> None:
+    from stepguard.costs import PAUSE, CostMeter
+
+    meter = CostMeter(decay=0.5)
+    meter.record(measured=True, own=1.0, now=10.0)  # the first measurement: set-up, left out
+    assert meter.measure is None and meter.plan({}) is None
+    meter.record(measured=False, own=0.001, now=10.011)  # T = 0.011 − 0.001
+    meter.record(measured=True, own=0.004, now=10.025)  # T = 0.014 − 0.004
+    assert (meter.idle, meter.measure) == (0.001, 0.004)
+    assert meter.plain == pytest.approx(0.01)
+    meter.record(measured=True, own=1.0, now=11.035)  # T = 0.01; a cost 250× its average
+    assert meter.measure == pytest.approx(0.5 * 0.004 + 0.5 * PAUSE * 0.004)
+    assert meter.plan({}) == {"measure": meter.measure, "idle": 0.001, "period": meter.plain}
+    reduced = {"cost_measure": 0.02, "cost_idle": float("nan"), "cost_period": 0.03}
+    assert meter.plan(reduced) == {"measure": 0.02, "idle": None, "period": 0.03}
+    tensors = meter.tensors(torch.zeros(()))
+    assert {k: v.item() for k, v in tensors.items()} == {
+        "cost_measure": meter.measure, "cost_idle": 0.001, "cost_period": meter.plain
+    }
