@@ -74,24 +74,7 @@ def to_rows(
         ``(logit_rows, velocity_rows, target_rows, positions)`` where ``positions`` holds
         the flat index of each kept row (``None`` when every row is kept).
     """
-    if logits.ndim == 1:
-        logits = logits.unsqueeze(-1)
-        velocity = None if velocity is None else velocity.unsqueeze(-1)
-    lead = logits.shape[:-1]
-    k = logits.shape[-1]
-    z = logits.reshape(-1, k)
-    a = None if velocity is None else velocity.reshape(-1, k)
-    keep: Tensor | None = None
-    y: Tensor | None = None
-    if targets is not None:
-        _check_rows("targets", targets, lead)
-        y = targets.reshape(-1).to(device=z.device)
-        if ignore_index is not None:
-            keep = y != ignore_index
-    if mask is not None:
-        _check_rows("mask", mask, lead)
-        m = mask.reshape(-1).to(device=z.device, dtype=torch.bool)
-        keep = m if keep is None else keep & m
+    z, a, y, keep = _flat_rows(logits, velocity, mask, targets, ignore_index)
     if keep is None:
         return z, a, y, None
     positions = keep.nonzero().squeeze(-1)
@@ -122,13 +105,28 @@ def mask_rows(
         ``(logit_rows, velocity_rows, target_rows, keep)``; ``keep`` is ``None`` when no
         mask or target can drop a row.
     """
+    z, a, y, keep = _flat_rows(logits, velocity, mask, targets, ignore_index)
+    assert a is not None
+    if y is not None and keep is not None:
+        y = torch.where(keep, y, 0)
+    return z, a, y, keep
+
+
+def _flat_rows(
+    logits: Tensor,
+    velocity: Tensor | None,
+    mask: Tensor | None,
+    targets: Tensor | None,
+    ignore_index: int | None,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Logits, velocities and targets as rows, and the mask of the rows that count (or None)."""
     if logits.ndim == 1:
         logits = logits.unsqueeze(-1)
-        velocity = velocity.unsqueeze(-1)
+        velocity = None if velocity is None else velocity.unsqueeze(-1)
     lead = logits.shape[:-1]
     k = logits.shape[-1]
     z = logits.reshape(-1, k)
-    a = velocity.reshape(-1, k)
+    a = None if velocity is None else velocity.reshape(-1, k)
     keep: Tensor | None = None
     y: Tensor | None = None
     if targets is not None:
@@ -136,7 +134,6 @@ def mask_rows(
         y = targets.reshape(-1).to(device=z.device)
         if ignore_index is not None:
             keep = y != ignore_index
-            y = torch.where(keep, y, 0)
     if mask is not None:
         _check_rows("mask", mask, lead)
         m = mask.reshape(-1).to(device=z.device, dtype=torch.bool)
