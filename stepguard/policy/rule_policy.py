@@ -148,6 +148,8 @@ class RulePolicy(Policy):
         """
         values = report_values(report)
         t = int(state["t"])
+        if not self.rules:  # nothing to evaluate: allow, and count the step
+            return Evaluation(_combine([], values), {**state, "t": t + 1, "veto_streak": 0}, ())
         rules_state = {name: dict(s) for name, s in state["rules"].items()}
 
         details: dict[str, str | None] = {}
