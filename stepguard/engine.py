@@ -305,14 +305,15 @@ class GuardEngine:
         self.counters[decision.action] += 1
         if decision.rule is not None:
             self.rule_counters[decision.rule] = self.rule_counters.get(decision.rule, 0) + 1
-        if report.entanglement:
-            fields["entanglement"] = {
+        changes: dict[str, Any] = {}
+        if report.entanglement:  # the realized changes follow the applied (scaled) update
+            changes["entanglement"] = {
                 n: v * decision.scale if n.startswith("realized.") else v
                 for n, v in report.entanglement.items()
             }
         report = evolve(
             report,
-            **{k: v for k, v in fields.items() if k == "entanglement"},
+            **changes,
             action=decision.action,
             scale=decision.scale,
             applied_tau=report.tau * decision.scale if decision.scale else 0.0,
@@ -346,13 +347,11 @@ class GuardEngine:
         parts = [tau]
         if isinstance(loss, Tensor) and loss.numel() == 1:
             names.append("loss")
-            parts.append(loss.detach().reshape(()))
+            parts.append(loss.detach().reshape(()).to(tau.device))
         sketch = self._sketch(update)
         if sketch is not None:
             parts += [sketch @ self._sketch_ref[0], torch.linalg.vector_norm(sketch), self._sketch_ref[1]]
-        numbers = torch.stack(parts).tolist() if len({p.device for p in parts}) == 1 else [
-            float(p) for p in parts
-        ]
+        numbers = torch.stack(parts).tolist()  # the one host read of an unmeasured step
         pre = dict(zip(names, numbers, strict=False))
         cosine = None
         if sketch is not None:
