@@ -105,10 +105,16 @@ def step_geometry(
     columns of :func:`row_columns` travel to the host whole (one ``(F, M)`` tensor
     ``rows``, its column names in ``row_names`` and ``binary`` as plain Python values) and
     :func:`build_report` reduces them there: on small batches the dozen reductions cost
-    more as device ops than the transfer. It runs in inference mode (no autograd
-    bookkeeping per op, about 15 % less dispatch); its outputs are only ever read. The numbers
-    agree with the device path to rounding (tested). Cross-rank reduction needs the
-    summaries as tensors, so the guard turns this off under ``torch.distributed``.
+    more as device ops than the transfer. The numbers agree with the device path to
+    rounding (tested). Cross-rank reduction needs the summaries as tensors, so the guard
+    turns this off under ``torch.distributed``.
+
+    Rows that do not count (mask, ``ignore_index``) are masked, not dropped, so nothing
+    here waits for the device. The per-row quantities are checked in the tests against
+    the reference definitions (:func:`~stepguard.geometry.formulas.top2_radius`,
+    :func:`~stepguard.diagnostics.softmax_collapse_stats`,
+    :func:`~stepguard.diagnostics.nlm_cosine`). It runs in inference mode (no autograd
+    bookkeeping per op, about 15 % less dispatch); its outputs are only ever read.
     """
     z, a, y, keep = mask_rows(logits, velocity, mask=mask, targets=targets, ignore_index=config.ignore_index)
     if config.temperature != 1.0:
