@@ -20,7 +20,8 @@ Protocol (one process, one run):
   ``measure_every``, so each block holds the same number of measured steps.
 * **Split.** The guard times its own phases per step in ``report.timings`` (snapshot,
   optimizer, diff, trigger, measure, reduce_sync, decide, commit: whatever keys the
-  installed guard reports; ``optimizer`` is the inner step, not the guard's time). The
+  installed guard reports; ``optimizer`` is the inner step, not the guard's time, and
+  ``jvp`` and ``statistics`` are the two largest parts of ``measure``). The
   split is the mean per timed step of each; ``sinks`` is the time spent in the bench's
   (optional) JSON-lines sink, and
   ``untimed`` is what remains of the mean overhead (guarded minus plain step time)
@@ -75,7 +76,7 @@ from stepguard.report import StepReport, json_ready
 #: The overhead targets the benchmark reports against (ratios to a plain Adam step).
 TARGETS = {"every_1_ratio_max": 2.3, "budget_ratio_max": 1.10}
 #: Phases the guard does *not* spend on the user's behalf (the inner optimizer's step).
-NOT_GUARD = frozenset({"optimizer"})
+NOT_GUARD = frozenset({"optimizer", "jvp", "statistics"})  # the inner step; parts of "measure"
 
 
 @dataclass(frozen=True)
@@ -778,8 +779,8 @@ def _load(machine: Mapping[str, Any]) -> str:
 
 
 def _split_keys(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    order = ["snapshot", "optimizer", "diff", "trigger", "measure", "sync", "reduce_sync", "decide", "commit"]
-    order += ["sinks", "untimed"]
+    order = ["snapshot", "optimizer", "diff", "trigger", "measure", "jvp", "statistics"]
+    order += ["sync", "reduce_sync", "decide", "commit", "sinks", "untimed"]
     seen = {k for row in rows for k in row["split_ms"]}
     return [k for k in order if k in seen] + sorted(seen - set(order))
 

@@ -239,7 +239,7 @@ class GuardEngine:
         extra_values: dict[str, Tensor] = {}
         estimator = "estimate"
         if measure:
-            estimator, scalars, extra_values = self._measure(update, tau_t, observed)
+            estimator, scalars, extra_values = self._measure(update, tau_t, observed, timings)
             tensors.update(scalars)
             if update is not None:
                 tensors["update_param_cosine"] = update.cosine_with_theta0()
@@ -415,7 +415,7 @@ class GuardEngine:
         return batch
 
     def _measure(
-        self, update: Update | None, tau: Tensor, observed: Mapping[str, Any]
+        self, update: Update | None, tau: Tensor, observed: Mapping[str, Any], timings: dict[str, float]
     ) -> tuple[str, dict[str, Tensor], dict[str, Tensor]]:
         if self.model is None:
             raise NoBatchError(
@@ -452,6 +452,7 @@ class GuardEngine:
             logits_fn=logits_fn,
             estimator=self._estimator,
             summarize_on_host=not self._distributed,
+            timings=timings,
         )
         if self._estimator == "auto" and used == "finite_difference":
             self._estimator = "finite_difference"

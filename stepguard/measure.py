@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,6 +51,7 @@ def measure_update(
     logits_fn: LogitsFn | None = None,
     estimator: EstimatorChoice | None = None,
     summarize_on_host: bool = True,
+    timings: dict[str, float] | None = None,
 ) -> tuple[str, dict[str, Tensor], dict[str, Tensor]]:
     """Logit velocities at θ₀ along Δθ/τ on ``batch``, and every number derived from them.
 
@@ -64,6 +66,8 @@ def measure_update(
         logits_fn: picks the logits from the output.
         estimator: overrides ``config.estimator``.
         summarize_on_host: see :func:`step_geometry`.
+        timings: when given, receives the seconds spent in the ``"jvp"`` (logit
+            velocities) and in the ``"statistics"`` (:func:`step_geometry`), host time.
 
     Returns:
         ``(estimator_used, scalars, vectors)`` of tensors on the device.
@@ -72,6 +76,7 @@ def measure_update(
     names = list(update)
     scaled = torch._foreach_mul([update[n] for n in names], scale.to(update[names[0]].dtype))
     tangent = dict(zip(names, scaled, strict=True))
+    started = time.perf_counter()
     z, velocities, used = logit_velocities(
         model,
         dict(theta0),
@@ -82,9 +87,13 @@ def measure_update(
         estimator=estimator or config.estimator,
         fd_epsilon=config.fd_epsilon,
     )
+    jvp_done = time.perf_counter()
     scalars, vectors = step_geometry(
         z, velocities[0], targets=targets, mask=mask, config=config, summarize_on_host=summarize_on_host
     )
+    if timings is not None:
+        timings["jvp"] = jvp_done - started
+        timings["statistics"] = time.perf_counter() - jvp_done
     return used, scalars, vectors
 
 

@@ -82,10 +82,13 @@ def test_ratios_are_quotients_of_the_reported_medians(result: dict[str, Any]) ->
 def test_split_fits_inside_the_guarded_step(result: dict[str, Any]) -> None:
     entry = result["models"][0]
     for row in entry["variants"]:
-        split = row["split_ms"]
+        split = dict(row["split_ms"])
         assert {"snapshot", "optimizer", "diff", "measure", "decide", "commit", "sinks", "untimed"} <= set(
             split
         )
+        parts = {k: split.pop(k) for k in ("jvp", "statistics") if k in split}  # parts of "measure"
+        assert sum(parts.values()) <= split["measure"] + 1e-9
+        assert set(parts) == ({"jvp", "statistics"} if row["measured_fraction"] > 0 else set())
         timed = {k: v for k, v in split.items() if k != "untimed"}
         assert all(v >= 0 for v in timed.values())
         # every timed phase runs inside the step, so their sum cannot exceed the step time

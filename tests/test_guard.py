@@ -512,3 +512,20 @@ def test_the_guarded_step_shows_in_the_profiler() -> None:
     with profile() as prof:
         guard.step()
     assert "Optimizer.step#StepGuard.step" in {event.name for event in prof.events()}
+
+
+def test_timings_split_the_measurement_into_jvp_and_statistics() -> None:
+    torch.manual_seed(0)
+    net = make_net()
+    guard = StepGuard(torch.optim.Adam(net.parameters(), lr=1e-3), model=net, config=GuardConfig(measure_every=2))
+    phases = []
+    for _ in range(4):
+        x, y = batch()
+        backward(net, x, y)
+        report = guard.step(targets=y)
+        guard.zero_grad()
+        phases.append((report.measured, set(report.timings)))
+    for measured, keys in phases:
+        assert {"snapshot", "optimizer", "diff", "measure", "decide", "commit"} <= keys
+        assert ({"jvp", "statistics"} <= keys) == measured
+    assert [m for m, _ in phases] == [True, False, True, False]
