@@ -119,8 +119,20 @@ class ParameterSnapshot:
         self._theta0_list: list[Tensor] = []
 
     def bind(self, params: Sequence[Tensor]) -> bool:
-        """Use ``params`` (reallocating the buffers when the list changed); True when it changed."""
-        if len(params) == len(self.params) and all(a is b for a, b in zip(params, self.params, strict=True)):
+        """Use ``params`` (reallocating the buffers when the list changed); True when it changed.
+
+        The same parameter objects whose data moved (``model.to(...)``, ``model.half()``
+        after the optimizer was built) also count as a change; each group's first member
+        stands for the group (such a move converts all of them).
+        """
+        if (
+            len(params) == len(self.params)
+            and all(a is b for a, b in zip(params, self.params, strict=True))
+            and all(
+                g.params[0].dtype == g.theta0.dtype and g.params[0].device == g.theta0.device
+                for g in self.groups
+            )
+        ):
             return False
         self.params = list(params)
         by_key: dict[tuple[torch.device, torch.dtype], list[int]] = {}

@@ -112,3 +112,22 @@ def test_cosine_with_theta0_of_one_group_and_of_a_still_step() -> None:
     update = snapshot.difference()
     expected = update_param_cosine(update.views(), before).item()
     assert update.cosine_with_theta0().item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_model_converted_after_the_guard_was_built_is_measured_in_its_new_dtype() -> None:
+    from stepguard import StepGuard
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    guard = StepGuard(torch.optim.SGD(net.parameters(), lr=0.1), model=net)
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    torch.nn.functional.cross_entropy(net(x), y).backward()
+    guard.step()
+    guard.zero_grad()
+    net.double()  # the optimizer keeps the same parameter objects, now float64
+    before = [p.detach().clone() for p in net.parameters()]
+    torch.nn.functional.cross_entropy(net(x.double()), y).backward()
+    report = guard.step()
+    moved = [p.detach() - b for p, b in zip(net.parameters(), before, strict=True)]
+    assert report.measured and report.estimator == "jvp"
+    assert report.tau == pytest.approx(math.sqrt(sum(float(m.square().sum()) for m in moved)), rel=1e-12)
