@@ -15,14 +15,14 @@ timed) and the loss. Built-in workloads:
   batch 16, whose tail positions are padding: their targets are ``-100`` and they do
   not count, neither in the loss nor in the guard's spread.
 
-A user's model (``--model pkg.module:factory``) gets random inputs of ``--input-shape``
+A user's model (``--model pkg.module:factory`` or ``file.py:factory``, resolved as the
+analyzer resolves it) gets random inputs of ``--input-shape``
 (or integer tokens below ``--vocab``) and random class targets, or the tensors of a
 ``--data`` file; see :func:`user_workload`.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -242,59 +242,26 @@ def builtin_workload(name: str, *, batch_size: int | None = None, pool: int = 8,
         pool: how many distinct batches the steps cycle through.
         seed: seed of the batch order (and of the synthetic tokens).
     """
-    if name == "mlp":
+    if name in ("mlp", "cnn"):
         from stepguard.demo import digits_mlp
 
         bs = batch_size or 64
-        return Workload(
-            "mlp",
-            f"MLP 64-128-10 ReLU, digits, batch {bs}",
-            digits_mlp,
-            _digit_batches(bs, pool, seed, images=False),
+        images = name == "cnn"
+        description = (
+            f"CNN conv16-BN-conv32-BN-pool-linear, digits 1x8x8, batch {bs}"
+            if images
+            else f"MLP 64-128-10 ReLU, digits, batch {bs}"
         )
-    if name == "cnn":
-        bs = batch_size or 64
-        return Workload(
-            "cnn",
-            f"CNN conv16-BN-conv32-BN-pool-linear, digits 1x8x8, batch {bs}",
-            digits_cnn,
-            _digit_batches(bs, pool, seed, images=True),
-        )
+        factory = digits_cnn if images else digits_mlp
+        return Workload(name, description, factory, _digit_batches(bs, pool, seed, images=images))
     if name == "lm":
         bs = batch_size or 16
-        return Workload(
-            "lm",
-            f"causal transformer LM, 2 blocks, width 64, vocab 64, {bs}x32 tokens, padded tails",
-            TinyLM,
-            _token_batches(bs, pool, seed),
-        )
+        description = f"causal transformer LM, 2 blocks, width 64, vocab 64, {bs}x32 tokens, padded tails"
+        return Workload("lm", description, TinyLM, _token_batches(bs, pool, seed))
     raise ValueError(f"unknown built-in model {name!r}; choose from {', '.join(BUILTIN)}")
 
 
 # ---------------------------------------------------------------- a user's model
-
-
-def load_factory(spec: str) -> Callable[[], nn.Module]:
-    """Resolve ``"pkg.module:factory"`` (a class or a function called with no arguments).
-
-    Raises:
-        ValueError: the spec has no ``:``, or the module or attribute cannot be found.
-    """
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"--model must look like pkg.module:factory, got {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"cannot import {module_name!r} for --model {spec}: {exc}") from exc
-    target: Any = module
-    for part in attr.split("."):
-        if not hasattr(target, part):
-            raise ValueError(f"{module_name!r} has no attribute {attr!r} (from --model {spec})")
-        target = getattr(target, part)
-    if not callable(target):
-        raise ValueError(f"--model {spec} is not callable")
-    return target
 
 
 def _load_data(path: Path) -> tuple[Tensor, Tensor | None]:
@@ -342,6 +309,8 @@ def user_workload(
     Raises:
         ValueError: neither ``input_shape`` nor ``data`` is given, or the shapes disagree.
     """
+    from stepguard.analysis.model import load_factory  # the analyzer's resolver: modules and .py files
+
     factory = load_factory(spec)
     gen = torch.Generator().manual_seed(seed)
     if data is not None:
