@@ -40,6 +40,14 @@ class GuardConfig(BaseModel):
         restore_state_on_veto: keep a copy of the optimizer state so a veto restores it
             bit for bit (costs one copy of the state when the policy can veto).
         sink_max_failures: drop a sink after this many consecutive failures (None: never).
+        veto_warning_after: warn once this many steps in a row were vetoed (None: never).
+        halt_after_vetoes: raise :class:`~stepguard.HaltTraining` once this many steps in a
+            row were vetoed (None: never): a run whose every step is skipped is not
+            training, whatever policy decided it.
+        assume_logits: declare that the model's outputs are softmax logits and skip the
+            check of the first training step's gradient (the guard warns once when the
+            loss's gradient with respect to the outputs does not sum to zero over classes,
+            as it does for any loss of softmax(z): cross-entropy, label smoothing, focal).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -60,3 +68,6 @@ class GuardConfig(BaseModel):
     max_spread_values: int = Field(default=1024, ge=0)
     restore_state_on_veto: bool = True
     sink_max_failures: int | None = Field(default=None, ge=1)
+    veto_warning_after: int | None = Field(default=10, ge=1)
+    halt_after_vetoes: int | None = Field(default=100, ge=1)
+    assume_logits: bool = False
