@@ -7,16 +7,16 @@
   training losses ℓ_t(z_m) at E checkpoints and the mean validation loss of each class,
   CLD(z_m) = Pearson r(Δℓ(z_m), ΔL_val,y_m) over the E−1 differences between consecutive
   checkpoints, with population standard deviations and r = 0 where one is 0; a coreset
-  keeps the highest-scoring samples of each class.
+  keeps the highest-scoring samples of each class. A class without validation samples has
+  no mean validation loss: its samples score NaN.
 
-When the loss suite (``stepguard.losses``) provides ``negative_flip_rate``, the flip rate of
-multiclass logits is computed by it; otherwise (and for one-logit heads) here.
+These are the library's only implementations of both metrics.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -125,20 +125,45 @@ def negative_flip_rate(correct_old: Tensor, correct_new: Tensor) -> float:
     return float(flips.double().mean()) if flips.numel() else math.nan
 
 
-def _suite_flip_rate() -> Callable[..., Tensor] | None:
-    try:
-        from stepguard.losses import negative_flip_rate as suite
-    except Exception:  # the loss suite is optional here
-        return None
-    return suite if callable(suite) else None
+def relative_negative_flip_rate(correct_old: Tensor, correct_new: Tensor) -> float:
+    """Relative NFR = NFR / ((1 − ER_old)·ER_new): the flips as a share of those that chance
+    alone would give with the same accuracies. 0 where the denominator is 0 (no sample was
+    right before or none is wrong after: no flip is possible); NaN for no rows.
+    """
+    nfr = negative_flip_rate(correct_old, correct_new)
+    if math.isnan(nfr):
+        return nfr
+    denominator = float(correct_old.double().mean()) * float((~correct_new.bool()).double().mean())
+    return nfr / denominator if denominator > 0 else 0.0
+
+
+def class_incremental_correctness(
+    old_logits: Tensor, new_logits: Tensor, target: Tensor, num_old: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Correctness of an old and an updated classifier on the same samples, for the flip rates.
+
+    The old prediction is the arg-max over the old model's outputs (C_old columns), the new
+    one over all of the new model's. With ``num_old`` only samples whose label is an old class
+    (``target < num_old``) are kept, as the reference evaluation of Ricci et al. does.
+
+    Returns:
+        ``(correct_old, correct_new)``, boolean (N',) tensors for the kept samples.
+    """
+    if old_logits.shape[:1] != target.shape or new_logits.shape[:1] != target.shape:
+        raise ValueError(
+            f"logits (N, C) and target (N,) must share N, got {tuple(old_logits.shape)}, "
+            f"{tuple(new_logits.shape)} and {tuple(target.shape)}"
+        )
+    correct_old = old_logits.argmax(dim=1) == target
+    correct_new = new_logits.argmax(dim=1) == target
+    if num_old is None:
+        return correct_old, correct_new
+    kept = target < num_old
+    return correct_old[kept], correct_new[kept]
 
 
 def flip_rate(old: RowEvaluation, new: RowEvaluation) -> tuple[float, int]:
     """Negative-flip rate and count between two evaluations of the same probe.
-
-    Multiclass logits go through the loss suite's ``negative_flip_rate`` when it is
-    installed (the same definition); one-logit heads and the fallback use
-    :func:`negative_flip_rate`.
 
     Raises:
         ValueError: the evaluations have no targets, or different rows.
@@ -146,13 +171,6 @@ def flip_rate(old: RowEvaluation, new: RowEvaluation) -> tuple[float, int]:
     if old.correct is None or new.correct is None:
         raise ValueError("negative flips need targets in the probe")
     count = int(negative_flips(old.correct, new.correct).sum())
-    suite = _suite_flip_rate()
-    y = new.targets
-    if suite is not None and y is not None and old.logits.shape[-1] >= 2 and y.numel():
-        try:
-            return float(suite(old.logits, new.logits, y.to(torch.long))), count
-        except Exception:  # a suite in flux must not break the analysis
-            pass
     return negative_flip_rate(old.correct, new.correct), count
 
 
@@ -169,14 +187,16 @@ def cld_scores(
     the mean validation loss of its class.
 
     Args:
-        train_losses: (E, N) per-sample training losses at E ≥ 2 checkpoints.
+        train_losses: (E, N) per-sample training losses at E ≥ 3 checkpoints (E − 1 ≥ 2
+            differences: a correlation of one pair of numbers says nothing).
         train_labels: (N,) classes.
         val_losses: (E, M) per-sample validation losses at the same checkpoints.
         val_labels: (M,) classes.
 
     Returns:
         (N,) float64 scores in [−1, 1]; 0 where either standard deviation is 0 (population
-        std, as the reference code); NaN for samples whose class has no validation sample.
+        std, as the reference code); NaN for samples whose class has no validation sample
+        (the class's mean validation loss, and so the correlation, is undefined).
     """
     x = torch.as_tensor(train_losses, dtype=torch.float64)
     v = torch.as_tensor(val_losses, dtype=torch.float64)
@@ -184,11 +204,12 @@ def cld_scores(
     vy = torch.as_tensor(val_labels).reshape(-1)
     if x.ndim != 2 or v.ndim != 2 or x.shape[0] != v.shape[0]:
         raise ValueError(
-            f"CLD needs (E, N) training and (E, M) validation losses at the same checkpoints, got "
-            f"{tuple(x.shape)} and {tuple(v.shape)}"
+            "CLD needs (E, N) training and (E, M) validation losses at the same checkpoints, "
+            f"got {tuple(x.shape)} and {tuple(v.shape)}; the arguments are "
+            "(train_losses, train_labels, val_losses, val_labels)"
         )
-    if x.shape[0] < 2:
-        raise ValueError(f"CLD needs losses at 2 or more checkpoints, got {x.shape[0]}")
+    if x.shape[0] < 3:
+        raise ValueError(f"CLD needs losses at 3 or more checkpoints (2 differences), got {x.shape[0]}")
     if ty.numel() != x.shape[1] or vy.numel() != v.shape[1]:
         raise ValueError("CLD: one label per training and per validation sample is needed")
     d_train = torch.diff(x, dim=0)
@@ -226,11 +247,22 @@ def cld_ranking(scores: Tensor, labels: Tensor) -> dict[int, list[int]]:
     return ranking
 
 
-def cld_coreset(ranking: Mapping[int, list[int]], fraction: float) -> list[int]:
-    """The union over classes of the top ``ceil(fraction·n_c)`` samples of each class, sorted."""
-    if not 0.0 < fraction <= 1.0:
+def cld_coreset(
+    ranking: Mapping[int, list[int]], fraction: float | None = None, *, per_class: int | None = None
+) -> list[int]:
+    """The union over classes of the top samples of each class, sorted.
+
+    Give either ``fraction`` (the top ⌈fraction·n_c⌉ of each class: every class with a
+    ranking keeps at least one sample) or ``per_class`` (the top min(k, n_c)).
+    """
+    if (fraction is None) == (per_class is None):
+        raise ValueError("give exactly one of fraction and per_class to cld_coreset")
+    if fraction is not None and not 0.0 < fraction <= 1.0:
         raise ValueError(f"the coreset fraction must lie in (0, 1], got {fraction}")
+    if per_class is not None and per_class < 0:
+        raise ValueError(f"per_class must be 0 or more, got {per_class}")
     keep: list[int] = []
     for members in ranking.values():
-        keep.extend(members[: math.ceil(fraction * len(members))])
+        k = math.ceil(fraction * len(members)) if fraction is not None else per_class
+        keep.extend(members[:k])
     return sorted(keep)

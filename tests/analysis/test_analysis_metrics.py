@@ -10,9 +10,16 @@ import pytest
 import torch
 
 from stepguard.analysis import cld_coreset, cld_ranking, cld_scores, negative_flip_rate
-from stepguard.analysis.metrics import evaluate_rows, flip_rate, negative_flips
+from stepguard.analysis.metrics import (
+    class_incremental_correctness,
+    evaluate_rows,
+    flip_rate,
+    negative_flips,
+    relative_negative_flip_rate,
+)
 
 DATA = Path(__file__).parent / "data"
+GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden"
 
 
 def test_negative_flip_rate_by_hand() -> None:
@@ -51,6 +58,36 @@ def test_flip_rate_matches_the_reference_metric_on_its_golden_data() -> None:
     correct_old = old.argmax(1)[keep] == y[keep]
     correct_new = new.argmax(1)[keep] == y[keep]
     assert negative_flip_rate(correct_old, correct_new) == pytest.approx(m["NFR"])
+
+
+def test_class_incremental_flip_rates_match_the_reference_code() -> None:
+    m = json.loads((GOLDEN / "mpt_negative_flip.json").read_text())["metrics"]
+    old, new = torch.tensor(m["eval_old_logits"]), torch.tensor(m["eval_new_logits"])
+    correct_old, correct_new = class_incremental_correctness(old, new, torch.tensor(m["eval_targets"]))
+    assert negative_flip_rate(correct_old, correct_new) == pytest.approx(m["NFR"], rel=1e-6)
+    assert relative_negative_flip_rate(correct_old, correct_new) == pytest.approx(m["relative_NFR"], rel=1e-6)
+
+
+def test_class_incremental_correctness_by_hand_and_restriction() -> None:
+    old = torch.tensor([[2.0, 0.0], [2.0, 0.0], [0.0, 2.0], [0.0, 2.0]])  # two old classes
+    new = torch.tensor([[0.0, 2.0, 0.0], [2.0, 0.0, 0.0], [0.0, 0.0, 3.0], [0.0, 0.0, 3.0]])
+    target = torch.tensor([0, 0, 1, 2])
+    # sample 0 flips; sample 2 flips (old right, new predicts class 2); sample 3 is a new class
+    assert negative_flip_rate(*class_incremental_correctness(old, new, target)) == pytest.approx(0.5)
+    restricted = class_incremental_correctness(old, new, target, num_old=2)
+    assert negative_flip_rate(*restricted) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="share N"):
+        class_incremental_correctness(old, new, target[:3])
+
+
+def test_relative_flip_rate_edge_cases() -> None:
+    right = torch.tensor([True, True])
+    # nothing is wrong afterwards: no flip is possible, the relative rate is 0
+    assert relative_negative_flip_rate(right, right) == 0.0
+    # one of two right before, both wrong after: NFR 1/2 over (1/2 · 1)
+    assert relative_negative_flip_rate(torch.tensor([True, False]), ~right) == pytest.approx(1.0)
+    none = torch.zeros(0, dtype=torch.bool)
+    assert math.isnan(relative_negative_flip_rate(none, none))
 
 
 def test_evaluate_rows_drops_masked_and_ignored_rows() -> None:
@@ -103,10 +140,55 @@ def test_cld_zero_std_gives_zero_and_missing_class_gives_nan() -> None:
     assert scores[0].item() == 0.0  # constant loss: zero std
     assert math.isnan(scores[1].item())  # class 1 has no validation sample
     assert cld_ranking(scores, torch.tensor([0, 1])) == {0: [0], 1: []}
-    with pytest.raises(ValueError, match="2 or more checkpoints"):
-        cld_scores(train[:1], torch.tensor([0, 1]), val[:1], torch.tensor([0]))
     with pytest.raises(ValueError, match="coreset fraction"):
         cld_coreset({0: [0]}, 0.0)
+
+
+def test_cld_needs_two_loss_differences() -> None:
+    # with two checkpoints every series has one difference: its std is 0 and r says nothing
+    train, val = torch.rand(2, 4), torch.rand(2, 3)
+    labels, val_labels = torch.zeros(4, dtype=torch.long), torch.zeros(3, dtype=torch.long)
+    with pytest.raises(ValueError, match="3 or more checkpoints"):
+        cld_scores(train, labels, val, val_labels)
+
+
+def test_cld_scores_in_the_wrong_argument_order_are_refused() -> None:
+    train, val = torch.rand(3, 4), torch.rand(3, 2)
+    labels, val_labels = torch.zeros(4, dtype=torch.long), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match="train_losses, train_labels, val_losses, val_labels"):
+        cld_scores(train, val, labels, val_labels)  # type: ignore[arg-type]
+
+
+def test_cld_scores_against_numpy_pearson() -> None:
+    np = pytest.importorskip("numpy")
+    inputs = json.loads((GOLDEN / "cld_scores.json").read_text())["inputs"]
+    train, val = np.array(inputs["train_losses_E_by_N"]), np.array(inputs["val_losses_E_by_N"])
+    labels, val_labels = np.array(inputs["train_labels"]), np.array(inputs["val_labels"])
+    scores = cld_scores(torch.tensor(train), torch.tensor(labels), torch.tensor(val), torch.tensor(val_labels))
+    for m in range(train.shape[1]):
+        d_train = np.diff(train[:, m])
+        d_val = np.diff(val[:, val_labels == labels[m]].mean(axis=1))
+        expected = 0.0 if d_train.std() == 0 else np.corrcoef(d_train, d_val)[0, 1]
+        assert float(scores[m]) == pytest.approx(expected, abs=1e-12)
+
+
+def test_cld_ranking_breaks_ties_as_the_reference_code() -> None:
+    scores = torch.tensor([0.5, 0.5, 0.9, 0.5], dtype=torch.float64)
+    assert cld_ranking(scores, torch.tensor([0, 0, 0, 0])) == {0: [2, 3, 1, 0]}
+
+
+def test_cld_coreset_rounds_up_per_class_or_takes_k() -> None:
+    ranking = {0: [4, 0, 2, 1, 3], 1: [7, 5, 6]}
+    # half of 5 is 2.5: three samples (round-half-even would give two)
+    assert cld_coreset(ranking, 0.5) == sorted([4, 0, 2, 7, 5])
+    assert cld_coreset(ranking, 0.01) == [4, 7]  # every class keeps at least one sample
+    assert cld_coreset(ranking, per_class=4) == sorted([4, 0, 2, 1, 7, 5, 6])
+    with pytest.raises(ValueError, match="exactly one"):
+        cld_coreset(ranking)
+    with pytest.raises(ValueError, match="exactly one"):
+        cld_coreset(ranking, 0.5, per_class=1)
+    with pytest.raises(ValueError, match="per_class"):
+        cld_coreset(ranking, per_class=-1)
 
 
 def test_cld_ranking_matches_the_reference_code_output() -> None:
