@@ -8,6 +8,8 @@ Public names (re-exported here; the implementation lives in the submodules):
 * :class:`GuardConfig` — measurement settings; :class:`Policy` and the presets.
 """
 
+from importlib import metadata as _metadata
+
 from stepguard.config import GuardConfig
 from stepguard.engine import HaltTraining, NoBatchError
 from stepguard.geometry import RadiusResult, radius
@@ -36,4 +38,8 @@ __all__ = [
     "attach",
     "radius",
 ]
-__version__ = "0.1.0"
+
+try:  # the installed distribution's version: one source, pyproject.toml
+    __version__ = _metadata.version("stepguard")
+except _metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"

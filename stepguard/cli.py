@@ -3,13 +3,49 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import time
 from collections.abc import Sequence
+
+from stepguard._extras import missing_extra
+
+# the optional packages behind the demo's flags: flag -> (module, extra)
+_DEMO_EXTRAS = {
+    "plot": ("matplotlib", "plot"),
+    "prometheus": ("prometheus_client", "prometheus"),
+    "tensorboard": ("tensorboard", "tensorboard"),
+}
+
+
+def version() -> str:
+    """StepGuard's version, from the installed package's metadata."""
+    from stepguard import __version__
+
+    return __version__
+
+
+def _demo_problem(args: argparse.Namespace) -> str | None:
+    """What stops the demo before any training: a flag's missing package or a bad combination."""
+    for flag, (module, extra) in _DEMO_EXTRAS.items():
+        if getattr(args, flag) is not None:
+            problem = missing_extra(module, extra, f"--{flag}")
+            if problem:
+                return problem
+    if args.serve is not None and args.prometheus is None:
+        return "--serve needs --prometheus PORT: it keeps that metrics endpoint up after training"
+    if args.serve is not None and args.serve < 0:
+        return f"--serve takes seconds >= 0, got {args.serve:g}"
+    return None
 
 
 def _demo(args: argparse.Namespace) -> int:
     from stepguard.demo import DemoSettings, run_demo
 
+    problem = _demo_problem(args)
+    if problem:
+        print(f"stepguard demo: error: {problem}", file=sys.stderr)
+        return 2
     settings = DemoSettings(
         lr=args.lr,
         spike=args.spike,
@@ -19,14 +55,30 @@ def _demo(args: argparse.Namespace) -> int:
         policy=args.policy,
         batch_size=args.batch_size,
         out=args.out,
+        threads=args.threads,
     )
-    run_demo(settings, progress=not args.quiet, sinks_for=_demo_sinks(args))
-    if args.plot:
-        from stepguard.plots import plot_demo
+    served: list = []
+    try:
+        run_demo(settings, progress=not args.quiet, sinks_for=_demo_sinks(args, served))
+        if args.plot:
+            from stepguard.plots import plot_demo
 
-        plot_demo(f"{args.out}/summary.json", args.plot)
-        print(f"plot written to {args.plot}")
+            plot_demo(f"{args.out}/summary.json", args.plot)
+            print(f"plot written to {args.plot}")
+        if served:
+            _serve(served[0], args.serve)
+    finally:
+        for sink in served:
+            sink.close()
     return 0
+
+
+def _serve(sink, seconds: float) -> None:
+    """Keep ``sink``'s metrics endpoint up for ``seconds`` after training (Ctrl-C ends it)."""
+    print(f"serving the guarded run's metrics at {sink.url} for {seconds:g} s (Ctrl-C to stop)",
+          file=sys.stderr, flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        time.sleep(seconds)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -68,8 +120,28 @@ def _add_policy_parser(commands: argparse._SubParsersAction) -> None:
     check.set_defaults(func=_policy_check)
 
 
-def _demo_sinks(args: argparse.Namespace):
-    """TensorBoard sinks for both runs and a live Prometheus exporter for the guarded run."""
+class _OpenAfterTraining:
+    """Passes reports to a sink but ignores the guard's ``close``, so the sink outlives training."""
+
+    def __init__(self, sink) -> None:
+        self.sink = sink
+        self.name = getattr(sink, "name", type(sink).__name__)
+
+    def write(self, report) -> None:
+        self.sink.write(report)
+
+    def flush(self) -> None:
+        self.sink.flush()
+
+    def close(self) -> None:
+        """Left to whoever holds the sink itself."""
+
+
+def _demo_sinks(args: argparse.Namespace, served: list):
+    """TensorBoard sinks for both runs and a live Prometheus exporter for the guarded run.
+
+    With ``--serve``, the exporter is appended to ``served`` and stays open after training.
+    """
 
     def sinks_for(run: str) -> list:
         sinks: list = []
@@ -82,7 +154,11 @@ def _demo_sinks(args: argparse.Namespace):
 
             sink = PrometheusSink(port=args.prometheus, run="demo")
             print(f"serving the guarded run's metrics at {sink.url}", file=sys.stderr)
-            sinks.append(sink)
+            if args.serve is not None:
+                served.append(sink)
+                sinks.append(_OpenAfterTraining(sink))
+            else:
+                sinks.append(sink)
         return sinks
 
     return sinks_for
@@ -93,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="stepguard",
         description="Measure every optimizer step against the softmax's safe-step radius.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser(
@@ -124,7 +201,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PORT",
         help="serve the guarded run's metrics live on 127.0.0.1:PORT (0: a free port)",
     )
+    demo.add_argument(
+        "--serve",
+        type=float,
+        metavar="SECONDS",
+        help="with --prometheus: keep the metrics endpoint up SECONDS after training (Ctrl-C ends it)",
+    )
     demo.add_argument("--tensorboard", metavar="DIR", help="write TensorBoard events to DIR/{plain,guarded}")
+    demo.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads of torch (default 1: fastest at this size, and the same numbers everywhere)",
+    )
     demo.add_argument("--quiet", action="store_true", help="no progress display")
     demo.set_defaults(func=_demo)
     _add_policy_parser(commands)

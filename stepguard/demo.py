@@ -83,10 +83,13 @@ class DemoSettings:
     policy: str = "clip"
     batch_size: int = 64
     out: str = "runs/demo"
+    threads: int = 1
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.spike <= 0:
             raise ValueError("lr and spike must be positive")
+        if self.threads < 1:
+            raise ValueError(f"threads must be at least 1, got {self.threads}")
         if self.steps < 1 or not 0 <= self.spike_at <= self.steps:
             raise ValueError(f"need steps >= 1 and 0 <= spike_at <= steps, got {self.steps}, {self.spike_at}")
 
@@ -144,28 +147,56 @@ def train_run(
     return result
 
 
-class Progress:
-    """A one-line progress display on a stream (redrawn in place on a terminal)."""
+_PAST = {"allow": "allowed", "clip": "clipped", "veto": "vetoed"}
 
-    def __init__(self, total: int, stream: TextIO | None = None) -> None:
+
+class Progress:
+    """Progress on a stream: one line redrawn in place on a terminal, else a compact log.
+
+    Without a terminal (a pipe, a CI log) a line is printed every ``every`` steps of each
+    run, with the largest r and the actions of the steps since the previous line.
+    """
+
+    def __init__(self, total: int, stream: TextIO | None = None, every: int = 25) -> None:
         self.total = total
         self.stream = stream or sys.stderr
+        self.every = every
         self.done = 0
         self.tty = self.stream.isatty()
+        self._max_r = math.nan
+        self._actions: dict[str, int] = {}
 
     def __call__(self, name: str, step: int, report: StepReport, acc: float) -> None:
         self.done += 1
         last = step + 1
-        if not self.tty and last % 25 and report.action == "allow":
+        if self.tty:
+            self._draw(name, last, report, acc)
             return
+        if not math.isnan(report.r) and not report.r <= self._max_r:
+            self._max_r = report.r
+        self._actions[report.action] = self._actions.get(report.action, 0) + 1
+        if last % self.every == 0 or self.done == self.total:
+            self._log(name, last, acc)
+
+    def _draw(self, name: str, last: int, report: StepReport, acc: float) -> None:
         width = 24
         filled = int(width * self.done / self.total)
         line = (
             f"[{'#' * filled}{'.' * (width - filled)}] {name:>7} step {last:>4}  "
             f"r={report.r:<9.3g} {report.action:<5} test acc {acc:.3f}"
         )
-        end = "\r" if self.tty else "\n"
-        print(line, end=end, file=self.stream, flush=True)
+        print(line, end="\r", file=self.stream, flush=True)
+
+    def _log(self, name: str, last: int, acc: float) -> None:
+        actions = ", ".join(
+            f"{count} {_PAST.get(action, action)}" for action, count in sorted(self._actions.items())
+        )
+        print(
+            f"{name:>7} step {last:>4}  max r {self._max_r:<9.3g} ({actions})  test acc {acc:.3f}",
+            file=self.stream,
+            flush=True,
+        )
+        self._max_r, self._actions = math.nan, {}
 
     def close(self) -> None:
         if self.tty:
@@ -217,8 +248,13 @@ def run_demo(
     data = digits_split(settings.seed)
     bar = Progress(2 * settings.steps) if progress else None
     extra = sinks_for or (lambda name: ())
-    plain = train_run("plain", settings, "monitor", data, out, bar, extra("plain"))
-    guarded = train_run("guarded", settings, settings.policy, data, out, bar, extra("guarded"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)  # the plain run's numbers after the spike depend on it
+    try:
+        plain = train_run("plain", settings, "monitor", data, out, bar, extra("plain"))
+        guarded = train_run("guarded", settings, settings.policy, data, out, bar, extra("guarded"))
+    finally:
+        torch.set_num_threads(threads)
     if bar is not None:
         bar.close()
     rows = [plain.summary(settings.spike_at), guarded.summary(settings.spike_at)]

@@ -38,3 +38,9 @@ def test_core_imports_only_torch_and_pydantic() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == ""
+
+
+def test_numpy_is_a_core_dependency() -> None:
+    """Without numpy, every ``import torch`` warns "Failed to initialize NumPy" (torch does not require it)."""
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(d.split(">")[0].split("=")[0].strip() == "numpy" for d in dependencies), dependencies

@@ -209,10 +209,6 @@ def report() -> Callable[..., Any]:
     return make_report
 
 
-# Grafana's dashboard schema is kept outside the repository, next to it.
-GRAFANA_SCHEMA = REPO_ROOT.parent / "shared" / "reference" / "grafana" / "dashboard.jsonschema.json"
-
-
 def dashboard_queries(rate_interval: str = "1m") -> list[tuple[str, str, str]]:
     """Every PromQL query of the shipped dashboard, with Grafana's variables substituted.
 
@@ -242,7 +238,7 @@ def helpers() -> SimpleNamespace:
         free_port=free_port, poll=poll, http_get=http_get, http_json=http_json,
         make_report=make_report, in_ci=in_ci, repo_root=REPO_ROOT,
         start_tensorboard=start_tensorboard, dashboard_queries=dashboard_queries,
-        grafana_schema=GRAFANA_SCHEMA, start_prometheus=start_prometheus,
+        start_prometheus=start_prometheus,
         start_pushgateway=start_pushgateway, prom_query=prom_query, prom_value=prom_value,
         tiny_guarded_run=tiny_guarded_run,
     )
