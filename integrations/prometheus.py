@@ -30,6 +30,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from stepguard._extras import install_hint
 from stepguard.integrations import naming
 from stepguard.integrations._dist import process_rank
 from stepguard.integrations._http import MetricsServer, PortInUseError
@@ -41,7 +42,6 @@ __all__ = ["DEFAULT_PORT", "PortInUseError", "PrometheusSink"]
 DEFAULT_PORT = 9478
 """Default ``/metrics`` port (any free port works; ``port=0`` picks one)."""
 
-_EXTRA_HINT = "pip install 'stepguard[prometheus]'"
 logger = logging.getLogger("stepguard.integrations.prometheus")
 
 
@@ -51,7 +51,7 @@ def _prometheus_client() -> Any:
     except ImportError as exc:
         raise ImportError(
             f"PrometheusSink needs the prometheus-client package ({exc}); install it with "
-            f"{_EXTRA_HINT}"
+            f"{install_hint('prometheus')}"
         ) from exc
     return prometheus_client
 

@@ -27,11 +27,10 @@ import os
 from collections.abc import Collection
 from typing import Any
 
+from stepguard._extras import install_hint
 from stepguard.integrations._dist import process_rank
 from stepguard.integrations.naming import tensorboard_tag
 from stepguard.report import ACTIONS, StepReport
-
-_EXTRA_HINT = "pip install 'stepguard[tensorboard]'"
 
 R_LIMIT_TAG = tensorboard_tag("r_limit")
 SPREAD_HISTOGRAM_TAG = tensorboard_tag("spread")
@@ -67,7 +66,7 @@ def _summary_writer_class() -> type:
     except ImportError as exc:  # torch's wrapper raises when the tensorboard package is absent
         raise ImportError(
             f"TensorBoardSink needs the tensorboard package ({exc}); install it with "
-            f"{_EXTRA_HINT}"
+            f"{install_hint('tensorboard')}"
         ) from exc
     return SummaryWriter
 

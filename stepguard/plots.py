@@ -1,4 +1,4 @@
-"""Plots of StepGuard runs (matplotlib, installed with ``pip install 'stepguard[plot]'``).
+"""Plots of StepGuard runs (matplotlib: the ``plot`` extra, ``pip install -e '.[plot]'`` in a clone).
 
 matplotlib is imported when a plot is drawn, not when StepGuard is imported. Figures are
 drawn on matplotlib's Agg canvas directly, so plotting works without a display and leaves
@@ -14,7 +14,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-_INSTALL_HINT = "plotting needs matplotlib: pip install 'stepguard[plot]'"
+from stepguard._extras import install_hint
+
 _NON_FINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 _RUN_KEYS = ("accuracy", "r", "rho_a", "tau", "applied_tau", "actions")
 
@@ -25,7 +26,7 @@ def _matplotlib() -> tuple[Any, Any]:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as exc:
-        raise ImportError(_INSTALL_HINT) from exc
+        raise ImportError(f"plotting needs matplotlib: {install_hint('plot')}") from exc
     return Figure, FigureCanvasAgg
 
 
@@ -99,7 +100,7 @@ def plot_demo(
     Raises:
         FileNotFoundError: no summary at ``summary_json_path``.
         ValueError: the file is not a demo summary, or ``before``/``after`` are negative.
-        ImportError: matplotlib is not installed (``pip install 'stepguard[plot]'``).
+        ImportError: matplotlib is not installed (the ``plot`` extra).
     """
     if before < 0 or after < 1:
         raise ValueError(f"need before >= 0 and after >= 1, got {before}, {after}")

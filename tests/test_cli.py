@@ -95,3 +95,19 @@ def test_the_cli_starts_without_warnings() -> None:
     done = subprocess.run([sys.executable, "-W", "default", "-m", "stepguard", "--version"],
                           capture_output=True, text=True, check=True)
     assert done.stderr == "", done.stderr
+
+
+@pytest.mark.parametrize(
+    ("blocked", "call", "extra"),
+    [
+        ("matplotlib", "from stepguard.plots import _matplotlib; _matplotlib()", "plot"),
+        ("tensorboard", "from stepguard.integrations.tensorboard import TensorBoardSink; TensorBoardSink('tb')",
+         "tensorboard"),
+        ("prometheus_client", "from stepguard.integrations.prometheus import PrometheusSink; PrometheusSink(port=0)",
+         "prometheus"),
+    ],
+)
+def test_library_install_hints_work_for_a_clone(tmp_path, blocked: str, call: str, extra: str) -> None:
+    code = f"import sys; sys.modules[{blocked!r}] = None\ntry:\n    {call}\nexcept ImportError as exc:\n    print(exc)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
+    assert f"pip install -e '.[{extra}]' in a StepGuard clone, or pip install '" in done.stdout, done.stdout

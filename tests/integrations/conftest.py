@@ -368,7 +368,7 @@ def start_tensorboard(processes: Processes, log_dir: Path, expect_runs: Sequence
     """
     binary = tensorboard_binary()
     if binary is None:
-        _missing("the tensorboard launcher", "pip install 'stepguard[tensorboard]'")
+        _missing("the tensorboard launcher", "pip install -e '.[tensorboard]'")
     port = free_port()
     name = f"tensorboard-{port}"
     proc = processes.start(name, [binary, "--logdir", str(log_dir), "--host", LOOPBACK,
