@@ -1,13 +1,20 @@
 """Guard the optimizer of a Hugging Face ``Trainer``.
 
 ``StepGuardCallback`` attaches a guard (:func:`stepguard.attach`, optimizer step hooks) to
-the optimizer the Trainer creates, when training begins; every optimizer step is then
-measured on the batch of the model's training forward and clipped or vetoed by the policy,
-and the Trainer's own logging (``log_history``, TensorBoard, …) carries ``stepguard/r``,
-``stepguard/rho_a``, ``stepguard/tau`` and the action counts.
+the optimizer the Trainer uses, at the start of every ``trainer.train()``; every optimizer
+step is then measured on the batch of the model's training forward and clipped or vetoed
+by the policy, and the Trainer's own logging (``log_history``, TensorBoard, …) carries, per
+logging window, ``stepguard/r``, ``stepguard/r_max``, ``stepguard/rho_a``, ``stepguard/tau``
+and the action counts.
 
 Causal LMs called with ``labels=`` are measured on the positions that have a next-token
 label (:func:`stepguard.rows.causal_lm_rows`); classifiers on every sample.
+
+The guard's state (step counter, action counters, schedule and policy state) is written
+into every checkpoint the Trainer saves (``stepguard_state.json``) and read back by
+``trainer.train(resume_from_checkpoint=...)``, so report steps continue where the
+checkpoint left off. A second ``train()`` on the same Trainer is guarded too, and its steps
+continue the first run's.
 
 Notes:
     The Trainer clips gradients (``max_grad_norm``) before the optimizer step, so the
@@ -19,16 +26,21 @@ Requires ``pip install 'stepguard[transformers]'``.
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import os
+from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
 from stepguard.config import GuardConfig
+from stepguard.guard import StepGuard
 from stepguard.hooks import GuardHandle, attach
 from stepguard.policy import Policy
 from stepguard.report import StepReport
 from stepguard.rows import causal_lm_rows
-from stepguard.sinks.base import Sink
+from stepguard.sinks.base import Sink, SinkSet
 
 try:
     from transformers import TrainerCallback
@@ -37,17 +49,63 @@ except ImportError as exc:
         "stepguard.integrations.transformers needs transformers: pip install 'stepguard[transformers]'"
     ) from exc
 
+logger = logging.getLogger("stepguard")
+
+STATE_FILE = "stepguard_state.json"
+"""The file, inside each Trainer checkpoint folder, that holds the guard's state."""
+
+DEFAULT_MAX_REPORTS = 1000
+"""How many of the most recent reports ``StepGuardCallback.reports`` keeps by default."""
+
+LOGGED_FIELDS: tuple[str, ...] = ("r", "rho_a", "tau", "applied_tau", "delta_a", "scale")
+"""Report fields logged with their value at the last step of each logging window."""
+
+
+class _Window:
+    """The reports since the last log point, reduced to what the log shows (constant memory)."""
+
+    def __init__(self) -> None:
+        self.last: StepReport | None = None
+        self.r_max = math.nan
+        self.clipped = 0
+        self.vetoed = 0
+
+    def add(self, report: StepReport) -> None:
+        self.last = report
+        if not math.isnan(report.r) and (math.isnan(self.r_max) or report.r > self.r_max):
+            self.r_max = report.r
+        self.clipped += report.action == "clip"
+        self.vetoed += report.action == "veto"
+
+    def metrics(self) -> dict[str, float]:
+        """``stepguard/<field>`` of the last report, plus the window's r_max and action counts."""
+        assert self.last is not None
+        metrics = {f"stepguard/{name}": float(getattr(self.last, name)) for name in LOGGED_FIELDS}
+        metrics["stepguard/r_max"] = self.r_max
+        metrics["stepguard/clipped"] = float(self.clipped)
+        metrics["stepguard/vetoed"] = float(self.vetoed)
+        return metrics
+
 
 class _Collect:
     """The sink through which the callback sees every report."""
 
     name = "transformers-log"
 
-    def __init__(self) -> None:
-        self.pending: list[StepReport] = []
+    def __init__(self, max_reports: int | None) -> None:
+        self.reports: deque[StepReport] = deque(maxlen=max_reports)
+        self.window = _Window()
 
     def write(self, report: StepReport) -> None:
-        self.pending.append(report)
+        self.reports.append(report)
+        self.window.add(report)
+
+    def take_window(self) -> _Window | None:
+        """The window since the last call (None when no step was reported in it)."""
+        if self.window.last is None:
+            return None
+        window, self.window = self.window, _Window()
+        return window
 
     def flush(self) -> None:
         pass
@@ -56,19 +114,43 @@ class _Collect:
         pass
 
 
+class _KeepOpen:
+    """A user's sink as the guard sees it: the guard's ``close()`` only flushes it.
+
+    The callback re-attaches the guard at every ``train()``; the sinks must outlive each
+    attachment and are closed by :meth:`StepGuardCallback.close`.
+    """
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.name = SinkSet.name_of(sink)
+
+    def write(self, report: StepReport) -> None:
+        self.sink.write(report)
+
+    def flush(self) -> None:
+        self.sink.flush()
+
+    def close(self) -> None:
+        self.sink.flush()
+
+
 class StepGuardCallback(TrainerCallback):
     """A ``TrainerCallback`` that guards the Trainer's optimizer and logs what it measured.
 
     Args:
         policy: a preset name or a :class:`~stepguard.policy.Policy`.
-        sinks: further sinks (JSON lines, TensorBoard, Prometheus) for every report.
+        sinks: further sinks (JSON lines, TensorBoard, Prometheus) for every report. They
+            are flushed at the end of every ``train()`` and closed by :meth:`close`.
         config: a :class:`~stepguard.GuardConfig`.
         causal_lm: derive the counted rows from ``labels=`` shifted by one (default);
             False measures every row of the logits.
+        max_reports: how many of the most recent reports :attr:`reports` keeps (``None``
+            keeps all of them; the sinks receive every report either way).
 
     Attributes:
         handle: the :class:`~stepguard.GuardHandle` once training has begun.
-        reports: every report, in order.
+        reports: the most recent reports (at most ``max_reports``), oldest first.
 
     Example:
         >>> trainer = Trainer(model=model, args=args, train_dataset=data,
@@ -82,56 +164,100 @@ class StepGuardCallback(TrainerCallback):
         config: GuardConfig | None = None,
         *,
         causal_lm: bool = True,
+        max_reports: int | None = DEFAULT_MAX_REPORTS,
     ) -> None:
         self.policy = policy
         self.sinks = list(sinks)
         self.config = config
         self.causal_lm = causal_lm
         self.handle: GuardHandle | None = None
-        self.reports: list[StepReport] = []
-        self._collect = _Collect()
+        self._collect = _Collect(_check_max_reports(max_reports))
+        self._sinks = [_KeepOpen(sink) for sink in self.sinks]
+
+    @property
+    def reports(self) -> deque[StepReport]:
+        return self._collect.reports
 
     def on_train_begin(
         self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any
     ) -> None:
-        if self.handle is not None:
-            return
         if model is None or optimizer is None:
             raise RuntimeError("StepGuardCallback needs the Trainer's model and optimizer at train begin")
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
-        self.handle = attach(
-            inner,
-            model,
-            policy=self.policy,
-            sinks=[self._collect, *self.sinks],
-            config=self.config,
-            rows_fn=causal_lm_rows if self.causal_lm else None,
+        if isinstance(optimizer, StepGuard) or isinstance(inner, StepGuard):
+            raise TypeError(
+                "the Trainer's optimizer is already a StepGuard: guard it once, either with "
+                "optimizers=(StepGuard(...), None) or with StepGuardCallback, not both"
+            )
+        previous = self.handle
+        if previous is None or not previous.attached or previous.optimizer is not inner:
+            if previous is not None:
+                previous.detach()
+            self.handle = attach(
+                inner,
+                model,
+                policy=self.policy,
+                sinks=[self._collect, *self._sinks],
+                config=self.config,
+                rows_fn=causal_lm_rows if self.causal_lm else None,
+            )
+            if previous is not None:  # a later train(): the steps continue
+                self.handle.load_state_dict(previous.state_dict())
+        if state.global_step > 0:  # only a resumed run starts past step 0
+            self._resume(args, state.global_step)
+
+    def _resume(self, args: Any, global_step: int) -> None:
+        """Load the guard's state saved with the checkpoint the Trainer resumed from."""
+        assert self.handle is not None
+        path = os.path.join(args.output_dir, f"checkpoint-{global_step}", STATE_FILE)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as file:
+                self.handle.load_state_dict(json.load(file))
+            return
+        logger.warning(
+            "resuming at global step %d without %s next to the checkpoint: report steps continue "
+            "from the Trainer's global step, the action counters restart at 0",
+            global_step,
+            path,
         )
+        fresh = self.handle.state_dict()
+        self.handle.load_state_dict(fresh | {"step": global_step})
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if self.handle is None or not args.should_save or not os.path.isdir(folder):
+            return
+        with open(os.path.join(folder, STATE_FILE), "w", encoding="utf-8") as file:
+            json.dump(self.handle.state_dict(), file)
 
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any
     ) -> None:
-        if logs is None or not self._collect.pending:
+        if logs is None:
             return
-        window, self._collect.pending = self._collect.pending, []
-        self.reports.extend(window)
-        last = window[-1]
-        finite_r = [r.r for r in window if not math.isnan(r.r)]
-        metrics = {
-            "stepguard/r": last.r,
-            "stepguard/r_max": max(finite_r) if finite_r else math.nan,
-            "stepguard/rho_a": last.rho_a,
-            "stepguard/tau": last.tau,
-            "stepguard/applied_tau": last.applied_tau,
-            "stepguard/clipped": float(sum(r.action == "clip" for r in window)),
-            "stepguard/vetoed": float(sum(r.action == "veto" for r in window)),
-        }
+        window = self._collect.take_window()
+        if window is None:
+            return
+        metrics = window.metrics()
         logs.update(metrics)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(metrics)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.reports.extend(self._collect.pending)
-        self._collect.pending = []
+        if self.handle is not None:
+            self.handle.detach()  # removes the hooks and flushes the sinks; they stay open
+
+    def close(self) -> None:
+        """Detach the guard and close the sinks. Call once the Trainer is done training."""
         if self.handle is not None:
             self.handle.detach()
+        for sink in self.sinks:
+            sink.close()
+
+
+def _check_max_reports(max_reports: int | None) -> int | None:
+    if max_reports is not None and (not isinstance(max_reports, int) or max_reports < 1):
+        raise ValueError(
+            f"max_reports must be a positive int (or None to keep every report), got {max_reports!r}"
+        )
+    return max_reports
