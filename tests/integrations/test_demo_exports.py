@@ -63,3 +63,23 @@ def test_demo_serves_metrics_while_training_and_writes_events(tmp_path) -> None:
     accumulator = EventAccumulator(str(tmp_path / "tb" / "guarded"), size_guidance={SCALARS: 0})
     accumulator.Reload()
     assert len(accumulator.Scalars("stepguard/r")) == 400
+
+
+def test_serve_keeps_the_metrics_endpoint_up_after_training(tmp_path) -> None:
+    port = free_port()
+    cmd = [sys.executable, "-m", "stepguard", "demo", "--steps", "4", "--spike-at", "2", "--quiet",
+           "--out", str(tmp_path / "demo"), "--prometheus", str(port), "--serve", "60"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        table = proc.stdout.readline() + proc.stdout.readline() + proc.stdout.readline()
+        assert "final acc" in table, table + proc.stderr.read()
+        deadline = time.monotonic() + 30
+        while "for 60 s" not in (line := proc.stderr.readline()):
+            assert time.monotonic() < deadline and line, "no 'serving ... for 60 s' line"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            scraped = response.read().decode()
+        assert 'stepguard_steps_total{run="demo"} 4.0' in scraped
+        assert proc.poll() is None, "the demo exited instead of serving"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
