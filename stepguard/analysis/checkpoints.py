@@ -16,7 +16,6 @@ Key prefixes such as ``model.`` (Lightning), ``module.`` (DistributedDataParalle
 from __future__ import annotations
 
 import os
-import pickle
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,7 +32,16 @@ CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "module")
 PREFERRED_PREFIXES = ("model.", "module.", "_orig_mod.", "model.module.", "module._orig_mod.")
 _STEP_PATTERN = re.compile(r"(?:global_step|step|iteration|iter|it)[=_\-]?(\d+)", re.IGNORECASE)
 _NUMBER = re.compile(r"\d+")
-_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: (GLOBAL [\w.]+)")
+_REFUSED_GLOBAL = (  # how the torch versions we support name what a weights-only load refused
+    re.compile(r"GLOBAL (\S+) was not an allowed global"),
+    re.compile(r"unsupported GLOBAL (\S+) whose module"),
+    re.compile(r"Unsupported global: GLOBAL (\S+)"),
+    re.compile(r"Unsupported class (\S+)"),
+    re.compile(r"add_safe_globals`?,? but got <class '([^']+)'>"),
+    re.compile(r"unrecognized function (.+?)(?: which belongs to|\n|$)"),
+)
+_WEIGHTS_ONLY = ("Weights only load failed", "WeightsUnpickler error")
+UNSAFE_FLAG = "--unsafe-load"
 _SAFETENSORS_HINT = "pip install 'stepguard[analyze]'"
 
 
@@ -183,17 +191,31 @@ def read_file(path: str | os.PathLike[str], *, unsafe: bool = False) -> Any:
             raise CheckpointError(where, f"not a readable safetensors file ({_describe(exc)})") from exc
     try:
         return torch.load(path, map_location="cpu", weights_only=not unsafe)
-    except pickle.UnpicklingError as exc:
-        found = _UNSUPPORTED_GLOBAL.search(str(exc))
-        if not unsafe and found:
-            raise CheckpointError(
-                where,
-                f"it holds Python objects that a weights-only load refuses ({found.group(1)}); "
-                "if you trust the file, pass --unsafe-load",
-            ) from exc
-        raise CheckpointError(where, f"corrupt or not a PyTorch checkpoint ({_describe(exc)})") from exc
     except Exception as exc:
+        refusal = None if unsafe else weights_only_refusal(str(exc))
+        if refusal is not None:
+            raise CheckpointError(where, refusal) from exc
         raise CheckpointError(where, f"corrupt or not a PyTorch checkpoint ({_describe(exc)})") from exc
+
+
+def weights_only_refusal(message: str) -> str | None:
+    """Explain a ``torch.load(weights_only=True)`` refusal, naming the blocked global in full.
+
+    Returns ``None`` when ``message`` names no refused global: the file is then corrupt or
+    not a PyTorch checkpoint (junk bytes and plain pickles also stop the weights-only
+    unpickler, at an unsupported operand, and a full load would fail on them too).
+    """
+    if not any(mark in message for mark in _WEIGHTS_ONLY):
+        return None
+    for pattern in _REFUSED_GLOBAL:
+        found = pattern.search(message)
+        if found:
+            return (
+                f"it holds Python objects that a weights-only load refuses (the global "
+                f"{found.group(1).rstrip('.,;')} is not allowed); if you trust the file, pass "
+                f"{UNSAFE_FLAG} (loading it runs the file's pickled code)"
+            )
+    return None
 
 
 def _describe(exc: BaseException) -> str:

@@ -106,6 +106,7 @@ def add_analyze_command(commands: Any) -> argparse.ArgumentParser:
 
 def run_analyze(args: argparse.Namespace) -> int:
     """Run ``stepguard analyze`` with parsed arguments; returns the exit status."""
+    from stepguard.analysis.errors import AnalysisError
     from stepguard.analysis.model import load_factory
     from stepguard.analysis.outputs import write_outputs
     from stepguard.analysis.probe import load_probe
@@ -152,10 +153,25 @@ def run_analyze(args: argparse.Namespace) -> int:
             print(f"stepguard analyze: skipped {record.path}: {record.error}", file=sys.stderr)
     for note in result.notes:
         print(f"stepguard analyze: note: {note}", file=sys.stderr)
+    if not result.transitions:
+        raise AnalysisError(nothing_measured(result, args.out))
     rs = [t.report.r for t in result.transitions if t.report.r == t.report.r]
+    largest = f"{max(rs):.4g}" if rs else "nan (no transition has a finite r)"
     print(
         f"{len(result.transitions)} transitions measured ({len(result.flagged)} flagged, "
-        f"{len(result.missing)} missing); largest r = {max(rs) if rs else float('nan'):.4g}; "
+        f"{len(result.missing)} missing); largest r = {largest}; "
         f"report in {args.out}/report.html"
     )
     return 1 if args.fail_on_flag and result.flagged else 0
+
+
+def nothing_measured(result: Any, out: str) -> str:
+    """The error when no transition could be measured: why, for the first few, and what to try."""
+    reasons = [f"{m.step_from} → {m.step_to}: {m.reason}" for m in result.missing[:3]]
+    more = f"; … and {len(result.missing) - 3} more" if len(result.missing) > 3 else ""
+    why = f" ({'; '.join(reasons)}{more})" if reasons else ""
+    hint = "" if result.settings.get("bridge") else "; --bridge measures across a skipped checkpoint"
+    return (
+        f"no transition could be measured: all {len(result.missing)} are missing{why}{hint}; "
+        f"the outputs in {out} list the skipped checkpoints"
+    )

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from stepguard.analysis.replay import AnalysisResult, Transition
+from stepguard.sinks.jsonl import iter_json_objects, write_atomically
 
 LEADING = ("step_from", "step_to", "tau", "rho_a", "r", "loss", "extras.accuracy")
 
@@ -38,16 +39,20 @@ def _json_value(value: Any) -> Any:
 
 
 def write_jsonl(transitions: Iterable[Transition], path: Path) -> None:
-    """One JSON object per transition (non-finite numbers as ``"inf"``, ``"-inf"``, ``"nan"``)."""
-    with open(path, "w", encoding="utf-8") as handle:
-        for t in transitions:
-            handle.write(json.dumps(t.to_dict(), allow_nan=False) + "\n")
+    """One JSON object per transition (non-finite numbers as ``"inf"``, ``"-inf"``, ``"nan"``).
+
+    The file is replaced atomically: a crash while writing leaves the previous report whole.
+    """
+    write_atomically(path, (json.dumps(t.to_dict(), allow_nan=False) + "\n" for t in transitions))
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[Transition]:
-    """The transitions of a ``report.jsonl`` written by the analyzer."""
-    with open(path, encoding="utf-8") as handle:
-        return [Transition.from_dict(json.loads(line)) for line in handle if line.strip()]
+    """The transitions of a ``report.jsonl`` written by the analyzer.
+
+    A corrupt or incomplete line is skipped with a
+    :class:`~stepguard.sinks.CorruptLineWarning` naming the file and the line.
+    """
+    return [Transition.from_dict(data) for data in iter_json_objects(path)]
 
 
 def transition_row(t: Transition) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TextIO
@@ -240,7 +240,7 @@ def prepare(path: str | os.PathLike[str], keep: Keep) -> None:
         if cut != path.stat().st_size:
             os.truncate(path, cut)
         return
-    _replace(path, (json.dumps(line.data, allow_nan=False) + "\n" for line in kept))
+    write_atomically(path, (json.dumps(line.data, allow_nan=False) + "\n" for line in kept))
 
 
 def _clean_prefix(lines: list[Line], kept: list[Line]) -> Iterator[Line]:
@@ -250,7 +250,12 @@ def _clean_prefix(lines: list[Line], kept: list[Line]) -> Iterator[Line]:
         yield line
 
 
-def _replace(path: Path, lines: Iterator[str]) -> None:
+def write_atomically(path: str | os.PathLike[str], lines: Iterable[str]) -> None:
+    """Write ``lines`` to a temporary file beside ``path`` that then replaces it (:func:`os.replace`).
+
+    A crash at any moment leaves either the old file or the whole new one, never a mix.
+    """
+    path = Path(path)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:

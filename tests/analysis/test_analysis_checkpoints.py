@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import collections
+import pickle
+import sys
+import types
 
 import pytest
 import torch
@@ -171,6 +174,57 @@ def test_named_key_and_pickled_module(tmp_path, net) -> None:
         load_state(tmp_path / "whole.pt", small_mlp())
     assert str(tmp_path / "whole.pt") in str(info.value)
     _same(load_state(tmp_path / "whole.pt", small_mlp(), unsafe=True).state, net)
+
+
+def test_a_weights_only_refusal_names_the_blocked_global_in_full(tmp_path, net, monkeypatch) -> None:
+    config = types.ModuleType("train-run-3")  # a module name the pickle keeps verbatim
+
+    class Settings:
+        pass
+
+    Settings.__module__, Settings.__qualname__ = config.__name__, "Settings"
+    config.Settings = Settings
+    monkeypatch.setitem(sys.modules, config.__name__, config)
+    torch.save({"state_dict": net.state_dict(), "settings": Settings()}, tmp_path / "run.pt")
+    with pytest.raises(CheckpointError) as info:
+        load_state(tmp_path / "run.pt", small_mlp())
+    message = str(info.value)
+    assert "the global train-run-3.Settings is not allowed" in message
+    assert "pass --unsafe-load" in message and "corrupt" not in message
+    _same(load_state(tmp_path / "run.pt", small_mlp(), unsafe=True).state, net)
+
+
+@pytest.mark.parametrize(
+    ("error", "name"),
+    [  # the wording of older torch releases, and of torch's other refusals
+        (
+            "WeightsUnpickler error: Unsupported class numpy.core.multiarray._reconstruct",
+            "numpy.core.multiarray._reconstruct",
+        ),
+        (
+            "WeightsUnpickler error: Can only build Tensor, Parameter, OrderedDict or types allowlisted via "
+            "`add_safe_globals`, but got <class 'my-train.Config'>",
+            "my-train.Config",
+        ),
+        (
+            "WeightsUnpickler error: Trying to load unsupported GLOBAL os.system whose module os is blocked.",
+            "os.system",
+        ),
+    ],
+)
+def test_every_weights_only_refusal_names_its_global(tmp_path, net, monkeypatch, error, name) -> None:
+    torch.save(net.state_dict(), tmp_path / "a.pt")
+
+    def refuse(*args: object, weights_only: bool, **kwargs: object) -> object:
+        raise pickle.UnpicklingError(
+            "Weights only load failed. Re-running `torch.load` with `weights_only` "
+            f"set to `False` will likely succeed. {error}"
+        )
+
+    monkeypatch.setattr(torch, "load", refuse)
+    with pytest.raises(CheckpointError, match="pass --unsafe-load") as info:
+        load_state(tmp_path / "a.pt", small_mlp())
+    assert f"the global {name} is not allowed" in str(info.value) and "corrupt" not in str(info.value)
 
 
 def test_missing_and_corrupt_files_name_the_file(tmp_path, net) -> None:

@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from stepguard.analysis.outputs import read_jsonl
+from stepguard.analysis.outputs import read_jsonl, write_jsonl
+from stepguard.analysis.replay import Transition
 from stepguard.cli import main
+from stepguard.report import StepReport
+from stepguard.sinks import CorruptLineWarning
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -223,3 +226,57 @@ def test_python_dash_m_stepguard_analyze(tmp_path, monitor_run) -> None:
     assert "analyze [" in proc.stderr
     line = json.loads((out / "report.jsonl").read_text().splitlines()[0])
     assert line["spread"]["count"] == 359
+
+
+def test_nothing_measured_is_an_error(tmp_path, monitor_run, probe_file, capsys) -> None:
+    bad = tmp_path / "step_1.pt"
+    bad.write_bytes(b"not a checkpoint")
+    files = [str(monitor_run.files[0]), str(bad), str(monitor_run.files[2])]
+    out = tmp_path / "out"
+    base = ["--model", "analysis_helpers:small_mlp", "--data", str(probe_file), "--out", str(out), "--quiet"]
+    code, stdout, stderr = _run(["--checkpoints", *files, *base, "--no-tensorboard"], capsys)
+    assert code == 2, stdout
+    assert stderr.splitlines()[-1].startswith("stepguard analyze: error: no transition could be measured")
+    assert "0 → 1: step_1.pt skipped: corrupt" in stderr and "--bridge" in stderr
+    assert json.loads((out / "summary.json").read_text())["transitions"] == 0  # the outputs say why
+    code, stdout, _ = _run(["--checkpoints", *files, *base, "--no-tensorboard", "--bridge"], capsys)
+    assert code == 0 and "1 transitions measured" in stdout
+
+
+def _transitions(n: int) -> list[Transition]:
+    return [
+        Transition(
+            k,
+            k + 1,
+            f"step_{k}.pt",
+            f"step_{k + 1}.pt",
+            StepReport(step=k, tau=1.0, rho_a=2.0, r=0.5, delta_a=1.5),
+        )
+        for k in range(n)
+    ]
+
+
+def test_report_jsonl_reads_past_a_corrupt_or_torn_line(tmp_path) -> None:
+    path = tmp_path / "report.jsonl"
+    write_jsonl(_transitions(4), path)
+    lines = path.read_text().splitlines(keepends=True)
+    lines[1] = "{garbage\n"
+    lines[3] = lines[3][:40]  # the writer died mid-line
+    path.write_text("".join(lines))
+    with pytest.warns(CorruptLineWarning) as caught:
+        assert [t.step_from for t in read_jsonl(path)] == [0, 2]
+    assert [str(w.message).split(": ", 1)[0] for w in caught] == [f"{path}, line 2", f"{path}, line 4"]
+
+
+def test_report_jsonl_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "report.jsonl"
+    write_jsonl(_transitions(3), path)
+    before = path.read_bytes()
+
+    def crash(*args: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        write_jsonl(_transitions(5), path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["report.jsonl"]
