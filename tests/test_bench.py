@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 import torch
 
-from stepguard import bench
-from stepguard.bench import BenchSettings, format_table, run_bench, write_json
-from stepguard.bench_models import builtin_workload, user_workload
 from stepguard.cli import main as cli_main
+from stepguard.tools import bench
+from stepguard.tools.bench import BenchSettings, format_table, run_bench, write_json
+from stepguard.tools.bench_models import builtin_workload, user_workload
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"steps": 2, "rounds": 3, "warmup": 2, "every": (1, 2), "memory_steps": 2}
@@ -43,18 +43,14 @@ def result() -> dict[str, Any]:
 
 
 def test_structure(result: dict[str, Any]) -> None:
-    assert {"machine", "settings", "targets", "budget_mode", "models"} <= set(result)
+    assert {"machine", "settings", "targets", "models"} <= set(result)
     machine = result["machine"]
     assert machine["threads"] == 1 and machine["device"] == "cpu" and machine["torch"] == torch.__version__
     assert result["settings"]["block"] == 2  # a multiple of every measure_every
     (entry,) = result["models"]
     assert entry["name"] == "mlp" and entry["parameters"] == 64 * 128 + 128 + 128 * 10 + 10
     names = [row["variant"] for row in entry["variants"]]
-    assert names[:2] == ["every 1", "every 2"]
-    if result["budget_mode"] is None:
-        assert entry["budget_skipped"] and len(names) == 2
-    else:
-        assert names[2] == "budget 0.1" and entry["budget_skipped"] is None
+    assert names == ["every 1", "every 2", "budget 0.1"]
     assert len(entry["plain"]["step_ms"]["values"]) == TINY["rounds"]
 
 
@@ -139,15 +135,21 @@ def test_table_and_json(result: dict[str, Any], tmp_path: Path) -> None:
     )
 
 
-def test_budget_mode_is_feature_detected(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bench, "budget_support", lambda: None)
-    variants, skipped = bench.variants_for(BenchSettings(models=("mlp",), budget=0.1))
-    assert [v.name for v in variants] == ["plain", "every 1", "every 4", "every 16"]
-    assert skipped and "budget" in skipped
-    with pytest.raises(RuntimeError, match="no budget mode"):
-        bench.make_guard(
-            torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), torch.nn.Linear(1, 2), budget=0.1
-        )
+def test_budget_mode_is_a_variant_unless_switched_off() -> None:
+    with_budget = bench.variants_for(BenchSettings(models=("mlp",), budget=0.1))
+    assert [v.name for v in with_budget] == ["plain", "every 1", "every 4", "every 16", "budget 0.1"]
+    without = bench.variants_for(BenchSettings(models=("mlp",), budget=None))
+    assert [v.name for v in without] == ["plain", "every 1", "every 4", "every 16"]
+    guard = bench.make_guard(
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), torch.nn.Linear(1, 2), budget=0.1
+    )
+    assert guard.config.budget == 0.1
+
+
+def test_the_bench_is_outside_what_a_training_step_imports() -> None:
+    code = "import sys, stepguard; print(any(m.startswith('stepguard.tools') for m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
 
 
 def test_settings_validation() -> None:
@@ -241,7 +243,7 @@ def test_cli_bench_on_a_user_model(
     result = json.loads(out.read_text())
     (entry,) = result["models"]
     assert [row["variant"] for row in entry["variants"]] == ["every 1"]
-    assert entry["budget_skipped"] == "not requested" and "memory" not in entry
+    assert "memory" not in entry
     assert cli_main(["bench", "--model", "nowhere_at_all:net", "--input-shape", "3", "--quiet"]) == 2
     assert "cannot import" in capsys.readouterr().err
 
@@ -275,7 +277,7 @@ def test_no_diagnostics_reaches_every_timed_guard() -> None:
     bench.add_arguments(parser)
     settings = bench.settings_from_args(parser.parse_args(["--models", "mlp", "--no-diagnostics"]))
     assert settings.diagnostics is False
-    variants, _ = bench.variants_for(settings)
+    variants = bench.variants_for(settings)
     assert [v.diagnostics for v in variants if v.guarded] == [False] * (len(variants) - 1)
     net = torch.nn.Linear(3, 2)
     for budget in (None, 0.1):
