@@ -9,10 +9,12 @@ after_step():   Δθ = θ₁ − θ₀, τ = ‖Δθ‖ → JVP at θ₀ along �
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import logging
 import math
 import time
+import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -27,11 +29,12 @@ from stepguard.distributed import is_distributed, rank_and_world, reduce_across_
 from stepguard.geometry.jvp import Batch
 from stepguard.geometry.logits import LogitsFn
 from stepguard.measure import build_report, global_norm, measure_update, sync_to_host
+from stepguard.output_check import OutputCheck
 from stepguard.policy import Policy, resolve_policy
 from stepguard.report import ACTIONS, Decision, StepReport, evolve
 from stepguard.schedule import MeasurementSchedule
 from stepguard.sinks.base import Sink, SinkSet
-from stepguard.snapshot import ParameterSnapshot, Update
+from stepguard.snapshot import OptimizerStateBackup, ParameterSnapshot, Update
 
 logger = logging.getLogger("stepguard")
 
@@ -138,6 +141,9 @@ class GuardEngine:
         self._head: LossHead | None = None
         if loss is not None and self.model is not None and getattr(loss, "has_radius_logits", False):
             self._head = LossHead(self.model, loss, logits_fn)
+        self._output_check: OutputCheck | None = None
+        if self.model is not None and self._head is None and not self.config.assume_logits:
+            self._output_check = OutputCheck(self.model, logits_fn)
         self.step_count = 0
         self.counters: dict[str, int] = dict.fromkeys(ACTIONS, 0)
         self.rule_counters: dict[str, int] = {}
@@ -146,7 +152,8 @@ class GuardEngine:
         self._last_rho: float | None = None
         self._observed: dict[str, Any] = {}
         self._snapshot = ParameterSnapshot()
-        self._state_backup: dict[Tensor, dict[str, Any] | None] | None = None
+        self._state_backup = OptimizerStateBackup(optimizer)
+        self._consecutive_vetoes = 0
         self._t_start = 0.0
         self._t_before = 0.0
         self._snap_seconds = 0.0
@@ -163,10 +170,14 @@ class GuardEngine:
         self._sketch_index: list[Tensor] = []
         self._pre: dict[str, Any] | None = None
         self._layout_cache: tuple[Any, list[tuple[str, Tensor, int | None]]] | None = None
+        self._checked_params: tuple[tuple[int, bool], ...] | None = None
+        self._foreign: list[tuple[str, Tensor]] = []
+        self._measured_costs: Mapping[str, Any] | None = None
         self._sketch_ref: tuple[Tensor, Tensor] | None = None
         self.costs = CostMeter()
         self._distributed = cfg.distributed == "auto" and is_distributed()
         self._rank, self._world = rank_and_world() if self._distributed else (0, 1)
+        _claim(optimizer, self)
 
     # ---------------------------------------------------------------- inputs
 
@@ -202,27 +213,66 @@ class GuardEngine:
 
     # ---------------------------------------------------------------- the step
 
-    def before_step(self) -> None:
-        """Snapshot θ₀ (and the optimizer state when a veto must be undoable)."""
+    def before_step(self, *, closure: bool = False) -> None:
+        """Check that the step can be measured, then snapshot θ₀ (and the optimizer state).
+
+        Everything that can be known before the inner optimizer runs is checked here, so a
+        step that could not be guarded is refused before it is applied: a model to measure,
+        a training batch, and the model owning every parameter the optimizer trains. The
+        optimizer state is copied whenever the policy can change the step, so that a veto,
+        or an error anywhere after the inner step, puts it back bit for bit.
+        """
         start = self._t_start = time.perf_counter()
-        self._in_step = True
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         if self._snapshot.bind(params):
             self._sketch_index = []
             self._sketch_ref = None
+        self._check_ready(params, closure=closure)
         self._snapshot.take()
         if self.policy.may_veto and self.config.restore_state_on_veto:
-            self._state_backup = self._backup_state(params)
+            self._state_backup.take(params)
         else:
-            self._state_backup = None
+            self._state_backup.drop()
+        self._in_step = True
         self._snap_seconds = time.perf_counter() - start
         self._t_before = time.perf_counter()
 
+    def abort(self) -> None:
+        """The inner step failed: put θ₀ (and the optimizer state, when copied) back."""
+        if self._in_step:
+            self._in_step = False
+            self._rollback()
+
     def after_step(self, loss: Any = None) -> StepReport:
-        """Measure the proposed update, let the policy decide, commit, and report."""
+        """Measure the proposed update, let the policy decide, commit, and report.
+
+        The step is a transaction: whatever raises before the decision is committed
+        (an error in the measurement, a policy, ``KeyboardInterrupt``), the parameters are
+        back at θ₀ and the optimizer state as it was before the exception propagates
+        (under ``monitor``, which never changes a step and keeps no copy of the state,
+        the step stays as the optimizer made it). A sink that raises sees a step that is
+        already committed and counted.
+        """
         if not self._in_step:
             raise RuntimeError("after_step() without before_step(): the step was not snapshotted")
         self._in_step = False
+        try:
+            report, decision, update = self._propose_and_decide(loss)
+            t = time.perf_counter()
+            self._commit(decision, update)
+            report.timings["commit"] = time.perf_counter() - t
+        except BaseException:
+            self._rollback()
+            raise
+        report = self._record(report, decision)
+        self.sinks.write(report)
+        self._account(report)
+        if report.halt:
+            self.sinks.flush()
+            raise HaltTraining(report)
+        return report
+
+    def _propose_and_decide(self, loss: Any) -> tuple[StepReport, Decision, Update | None]:
         started = time.perf_counter()
         timings = {"snapshot": self._snap_seconds, "optimizer": started - self._t_before}
         observed, self._observed = self._observed, {}
@@ -282,6 +332,7 @@ class GuardEngine:
         else:
             values = sync_to_host(tensors, extra_values)
         timings["reduce_sync"] = time.perf_counter() - t
+        self._measured_costs = values if measure else None
 
         fields: dict[str, Any] = {"rank": self._rank, "world_size": self._world}
         if components:
@@ -289,6 +340,8 @@ class GuardEngine:
         if entangled:
             fields["entanglement"] = {n: values[f"entanglement.{n}"] for n in entangled}
         report = self._proposal(values, estimator, measure, loss if not self._distributed else None, fields)
+        if measure and not report.measured:
+            why = "no row of the batch counts (every row masked or ignore_index)"
         t = time.perf_counter()
         decision = self.policy.decide(report)
         if not isinstance(decision, Decision):
@@ -297,11 +350,13 @@ class GuardEngine:
                 "it must return a stepguard.Decision"
             )
         timings["decide"] = time.perf_counter() - t
+        if not report.measured:
+            kind = "r estimated" if report.estimator == "estimate" else "not measured"
+            decision = dataclasses.replace(decision, reason=f"{decision.reason} [{kind}; {why}]")
+        return evolve(report, timings=timings), decision, update
 
-        t = time.perf_counter()
-        self._commit(decision, update)
-        timings["commit"] = time.perf_counter() - t
-
+    def _record(self, report: StepReport, decision: Decision) -> StepReport:
+        """Count the committed step and give its report the decision."""
         self.counters[decision.action] += 1
         if decision.rule is not None:
             self.rule_counters[decision.rule] = self.rule_counters.get(decision.rule, 0) + 1
@@ -317,19 +372,64 @@ class GuardEngine:
             action=decision.action,
             scale=decision.scale,
             applied_tau=report.tau * decision.scale if decision.scale else 0.0,
-            reason=decision.reason if measure else f"{decision.reason} [r estimated; {why}]",
+            reason=decision.reason,
             rule=decision.rule,
             halt=decision.halt,
-            timings=timings,
         )
-        self.sinks.write(report)
-        self._account(measure, values, timings)
+        report = self._escalate(report)
         self.step_count += 1
         self.last_report = report
-        if decision.halt:
-            self.sinks.flush()
-            raise HaltTraining(report)
+        if self._output_check is not None and not self._output_check.done:
+            self._output_check.verdict()
         return report
+
+    def _escalate(self, report: StepReport) -> StepReport:
+        """Vetoes in a row: a warning after ``veto_warning_after``, a halt after ``halt_after_vetoes``."""
+        if report.action != "veto":
+            self._consecutive_vetoes = 0
+            return report
+        self._consecutive_vetoes += 1
+        streak = self._consecutive_vetoes
+        cfg = self.config
+        if streak == cfg.veto_warning_after:
+            warnings.warn(
+                f"StepGuard: {streak} steps in a row were vetoed (the last at step {report.step}: "
+                f"{report.reason}); the run is not training. Lower the learning rate, check the "
+                f"data, or loosen the policy; training halts after {cfg.halt_after_vetoes} "
+                "(GuardConfig(veto_warning_after=..., halt_after_vetoes=...)).",
+                UserWarning,
+                stacklevel=4,
+            )
+        if cfg.halt_after_vetoes is not None and streak >= cfg.halt_after_vetoes and not report.halt:
+            reason = f"{report.reason}; {streak} steps in a row were vetoed (GuardConfig.halt_after_vetoes)"
+            return evolve(report, halt=True, reason=reason)
+        return report
+
+    def _check_ready(self, params: list[Tensor], *, closure: bool) -> None:
+        """Refuse, before the inner step, a step that could not be measured."""
+        if self.model is None:
+            raise NoBatchError(
+                "StepGuard has no model to measure: pass StepGuard(optimizer, model=net) "
+                "(or attach(optimizer, net))"
+            )
+        no_batch = self.capture is None or self.capture.batch is None
+        if no_batch and not closure and "inputs" not in self._observed:
+            raise NoBatchError(
+                "StepGuard has no training batch to measure this step on: no forward of the "
+                "model ran in train mode with autograd enabled before step(). Run the forward "
+                "of the model passed as model=... (in train mode), or pass guard.step(inputs=batch)."
+            )
+        key = tuple((id(p), p.requires_grad) for p in params)
+        if key != self._checked_params:
+            self._foreign = _foreign_parameters(self._head or self.model, self.optimizer)
+            self._checked_params = key
+        if self._foreign:
+            _refuse_foreign([(label, p) for label, p in self._foreign if p.grad is not None])
+
+    def _rollback(self) -> None:
+        """Parameters back to θ₀; the optimizer state too, when the policy had it copied."""
+        if self._state_backup.restore():
+            self._snapshot.restore()
 
     # ---------------------------------------------------------------- schedule
 
@@ -373,7 +473,7 @@ class GuardEngine:
             self._sketch_index = self._snapshot.sketch_indices(_SKETCH_SIZE)
         return update.sketch(self._sketch_index)
 
-    def _account(self, measured: bool, values: Mapping[str, Any], timings: Mapping[str, float]) -> None:
+    def _account(self, report: StepReport) -> None:
         """Keep the running costs the budget needs, identical on every rank.
 
         A step's own cost is all of the guard's time in it, from ``before_step`` to the end
@@ -382,11 +482,16 @@ class GuardEngine:
         at a measured step (this rank's running averages travel with the measurement).
         """
         now = time.perf_counter()
-        self.costs.record(measured=measured, own=now - self._t_start - timings["optimizer"], now=now)
+        measured, values = self._measured_costs is not None, self._measured_costs
+        self._measured_costs = None
+        self.costs.record(measured=measured, own=now - self._t_start - report.timings["optimizer"], now=now)
         if not measured:
             self.schedule.skipped()
             return
-        self.schedule.measured(values["tau"])
+        if report.measured:
+            self.schedule.measured(values["tau"])
+        else:
+            self.schedule.skipped()
         if self.schedule.budget is not None:
             plan = self.costs.plan(values)
             if plan is not None:
@@ -460,7 +565,7 @@ class GuardEngine:
 
     def _layout(self, measured: nn.Module, params: list[Tensor]) -> list[tuple[str, Tensor, int | None]]:
         """(name, parameter, index in the optimizer's list) of each trainable parameter, cached."""
-        key = (id(measured), len(params), tuple(id(p) for p in params))
+        key = (id(measured), self._checked_params)  # the parameters and their requires_grad flags
         if self._layout_cache is None or self._layout_cache[0] != key:
             index = {id(p): i for i, p in enumerate(params)}
             layout = [(n, p, index.get(id(p))) for n, p in measured.named_parameters() if p.requires_grad]
@@ -484,7 +589,7 @@ class GuardEngine:
             lr=float(lr) if lr is not None else None,
             **fields,
         )
-        if measured and (math.isfinite(report.rho_a) or report.rho_a == math.inf):
+        if report.measured and (math.isfinite(report.rho_a) or report.rho_a == math.inf):
             self._last_rho = report.rho_a
         return report
 
@@ -496,57 +601,9 @@ class GuardEngine:
             torch._foreach_copy_(live, self._snapshot.theta0)
             if decision.action == "clip":
                 torch._foreach_add_(live, update.views(), alpha=decision.scale)
-        if decision.action == "veto" and decision.restore_state:
-            if self._state_backup is not None:
-                self._restore_state(self._state_backup)
-            elif self.policy.may_veto:
-                logger.warning("veto without a state backup: optimizer state keeps this step's update")
-
-    # ---------------------------------------------------------------- optimizer state
-
-    def _backup_state(self, params: list[Tensor]) -> dict[Tensor, dict[str, Any] | None]:
-        previous = self._state_backup or {}
-        backup: dict[Tensor, dict[str, Any] | None] = {}
-        state = self.optimizer.state
-        for p in params:
-            if p not in state:
-                backup[p] = None
-                continue
-            old = previous.get(p) or {}
-            saved: dict[str, Any] = {}
-            for key, value in state[p].items():
-                if isinstance(value, Tensor):
-                    buf = old.get(key)
-                    if isinstance(buf, Tensor) and buf.shape == value.shape and buf.dtype == value.dtype:
-                        buf.copy_(value)
-                    else:
-                        buf = value.detach().clone()
-                    saved[key] = buf
-                else:
-                    saved[key] = copy.deepcopy(value)
-            backup[p] = saved
-        return backup
-
-    def _restore_state(self, backup: Mapping[Tensor, dict[str, Any] | None]) -> None:
-        state = self.optimizer.state
-        for p, saved in backup.items():
-            if saved is None:
-                state.pop(p, None)
-                continue
-            current = state[p]
-            for key in [k for k in current if k not in saved]:
-                del current[key]
-            for key, value in saved.items():
-                target = current.get(key)
-                if isinstance(value, Tensor):
-                    same = isinstance(target, Tensor) and target.shape == value.shape
-                    if same and target.dtype == value.dtype:
-                        with torch.no_grad():
-                            target.copy_(value)
-                    else:
-                        current[key] = value.clone()
-                else:
-                    current[key] = copy.deepcopy(value)
+        restored = decision.action == "veto" and decision.restore_state and self._state_backup.restore()
+        if decision.action == "veto" and decision.restore_state and not restored and self.policy.may_veto:
+            logger.warning("veto without a state backup: optimizer state keeps this step's update")
 
     # ---------------------------------------------------------------- persistence
 
@@ -559,6 +616,7 @@ class GuardEngine:
             "estimator": self._estimator,
             "schedule": self.schedule.state_dict(),
             "policy": self.policy.state_dict(),
+            "consecutive_vetoes": self._consecutive_vetoes,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -572,16 +630,64 @@ class GuardEngine:
         self._estimator = state.get("estimator", self.config.estimator)
         self.schedule.load_state_dict(state.get("schedule", {}))
         self.policy.load_state_dict(state.get("policy", {}))
+        self._consecutive_vetoes = int(state.get("consecutive_vetoes", 0))
 
     def close(self) -> None:
-        """Remove the capture hook and close the sinks."""
+        """Remove the capture hooks, release the optimizer and close the sinks."""
         if self.capture is not None:
             self.capture.remove()
+        if self._output_check is not None:
+            self._output_check.close()
+        _release(self.optimizer, self)
         self.sinks.flush()
         self.sinks.close()
 
 
 _SKETCH_SIZE = 4096
+_GUARD_ATTRIBUTE = "_stepguard_engine"
+
+
+def _claim(optimizer: torch.optim.Optimizer, engine: GuardEngine) -> None:
+    """Mark ``optimizer`` as guarded by ``engine``; a second live guard is an error."""
+    ref = getattr(optimizer, _GUARD_ATTRIBUTE, None)
+    if ref is not None and ref() is not None:
+        raise RuntimeError(
+            f"this {type(optimizer).__name__} is already guarded by StepGuard: a second guard would "
+            "measure (and clip or veto) every step twice. Use the first guard, or close() / "
+            "detach() it before guarding the optimizer again."
+        )
+    setattr(optimizer, _GUARD_ATTRIBUTE, weakref.ref(engine))
+
+
+def _release(optimizer: torch.optim.Optimizer, engine: GuardEngine) -> None:
+    ref = getattr(optimizer, _GUARD_ATTRIBUTE, None)
+    if ref is not None and ref() is engine:
+        delattr(optimizer, _GUARD_ATTRIBUTE)
+
+
+def _foreign_parameters(module: nn.Module, optimizer: torch.optim.Optimizer) -> list[tuple[str, Tensor]]:
+    """The optimizer's trainable parameters that ``module`` does not hold, labelled by position."""
+    owned = {id(p) for p in module.parameters()}
+    return [
+        (f"param_groups[{g}]['params'][{i}] (shape {tuple(p.shape)})", p)
+        for g, group in enumerate(optimizer.param_groups)
+        for i, p in enumerate(group["params"])
+        if p.requires_grad and id(p) not in owned
+    ]
+
+
+def _refuse_foreign(moving: list[tuple[str, Tensor]]) -> None:
+    """A parameter the step moves but the measured model does not hold would be left out of r."""
+    if not moving:
+        return
+    labels = [label for label, _ in moving]
+    shown = ", ".join(labels[:5]) + (f" and {len(labels) - 5} more" if len(labels) > 5 else "")
+    raise ValueError(
+        f"the model given to StepGuard does not own {len(labels)} of the optimizer's parameters "
+        f"that have gradients: {shown}. The JVP would leave their update out and report too small "
+        "an r. Pass the module that holds every parameter the optimizer trains (for two networks "
+        "with two optimizers, one guard per optimizer with its own model)."
+    )
 
 
 def _unit(v: Tensor | None) -> tuple[Tensor, Tensor] | None:

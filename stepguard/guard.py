@@ -214,11 +214,11 @@ class StepGuard(torch.optim.Optimizer):
             loss: the step's loss, for the report.
         """
         self.engine.observe(inputs=inputs, targets=targets, mask=mask, loss=loss)
-        self.engine.before_step()
+        self.engine.before_step(closure=closure is not None)
         try:
             result = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
         except BaseException:
-            self.engine._in_step = False
+            self.engine.abort()
             raise
         return self.engine.after_step(loss=result)
 

@@ -27,7 +27,8 @@ class GuardHandle:
         self.attached = True
 
     def _before(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self.engine.before_step()
+        closure = args[0] if args else kwargs.get("closure")
+        self.engine.before_step(closure=closure is not None)
 
     def _after(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.engine.after_step()

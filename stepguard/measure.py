@@ -27,9 +27,14 @@ QUANTILES = (0.99, 0.9, 0.5)
 
 
 def global_norm(tensors: list[Tensor]) -> Tensor:
-    """‖(t₁, …, t_n)‖₂ with foreach kernels, in float64 when any tensor is float64, else float32."""
+    """‖(t₁, …, t_n)‖₂ with foreach kernels, in float64 when any tensor is float64, else float32.
+
+    Sparse COO tensors (``nn.Embedding(sparse=True)`` gradients) count by their coalesced
+    values: duplicate indices are summed first, as the dense tensor would hold them.
+    """
     if not tensors:
         return torch.zeros(())
+    tensors = [t.coalesce().values() if t.is_sparse else t for t in tensors]
     dtypes = {t.dtype for t in tensors}
     if len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64}:
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, 2)), 2)
@@ -456,6 +461,7 @@ def _estimated_report(
     """The report of an unmeasured step: r = τ/ρ_a(last), nothing else measured."""
     tau = values["tau"]
     rho = last_rho if last_rho is not None else math.nan
+    estimator: Estimator = "estimate" if last_rho is not None else "none"
     if rho == math.inf:
         delta, r = 0.0, 0.0
     elif rho and math.isfinite(rho):
@@ -470,7 +476,7 @@ def _estimated_report(
         delta_a=delta,
         spread=_NO_SPREAD,
         applied_tau=tau,
-        estimator="estimate",
+        estimator=estimator,
         measured=False,
         loss=_loss_value(values, loss),
         lr=lr,
@@ -509,7 +515,10 @@ def build_report(
 
     r = τ·Δ_a/π (so τ = 0 gives r = 0 even when ρ_a = +inf). On an unmeasured step
     (``measured=False``) r is estimated as τ/ρ_a(``last_rho``): ρ_a depends only on the
-    direction, and the direction rarely turns fast between measurements.
+    direction, and the direction rarely turns fast between measurements. A measurement in
+    which no row counts (every row masked or ``ignore_index``) measured nothing: its report
+    is that of an unmeasured step (r estimated, or NaN with ``estimator="none"`` when no
+    radius was ever measured), never the r = 0 of Δ_a = 0.
     """
     if not measured:
         return _estimated_report(
@@ -517,6 +526,10 @@ def build_report(
         )
     values = _summarize_rows(values, binding_k)
     tau = values["tau"]
+    if values.get("count", 1) == 0 and tau != 0:  # no row counts: the update was not measured
+        return _estimated_report(
+            values, step=step, last_rho=last_rho, loss=loss, lr=lr, source=source, **fields
+        )
     est: Estimator = estimator  # type: ignore[assignment]
     delta = values.get("delta_a", 0.0)
     rho = math.inf if delta == 0 else PI / delta

@@ -16,8 +16,10 @@ one op each, which is what keeps an unmeasured step cheap (see docs/performance.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -169,6 +171,12 @@ class ParameterSnapshot:
             out.append(chosen.to(group.theta0.device))
         return out
 
+    def restore(self) -> None:
+        """Put θ₀ back into the parameters."""
+        with torch.no_grad():
+            for group in self.groups:
+                torch._foreach_copy_(group.params, group.theta0_views)
+
     def take(self) -> None:
         """Copy the parameters' current values into θ₀."""
         with torch.no_grad():
@@ -194,3 +202,69 @@ class ParameterSnapshot:
             device = norms[0].device  # parameters may live on several devices (model parallel)
             tau = torch.linalg.vector_norm(torch.stack([n.to(device, wide) for n in norms]))
         return Update(self.groups, flats, tau)
+
+
+class OptimizerStateBackup:
+    """A copy of the optimizer state of a list of parameters, to put back bit for bit.
+
+    ``take`` copies every tensor of ``optimizer.state[p]`` into buffers kept from the last
+    copy when shape and dtype still match (no allocation per step), and deep-copies the
+    rest; a parameter without state is remembered as such, so ``restore`` removes the
+    state a first step created.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self.saved: dict[Tensor, dict[str, Any] | None] | None = None
+
+    def take(self, params: Sequence[Tensor]) -> None:
+        previous = self.saved or {}
+        state = self.optimizer.state
+        saved: dict[Tensor, dict[str, Any] | None] = {}
+        for p in params:
+            if p not in state:
+                saved[p] = None
+                continue
+            old = previous.get(p) or {}
+            copies: dict[str, Any] = {}
+            for key, value in state[p].items():
+                if isinstance(value, Tensor):
+                    buf = old.get(key)
+                    if isinstance(buf, Tensor) and buf.shape == value.shape and buf.dtype == value.dtype:
+                        buf.copy_(value)
+                    else:
+                        buf = value.detach().clone()
+                    copies[key] = buf
+                else:
+                    copies[key] = copy.deepcopy(value)
+            saved[p] = copies
+        self.saved = saved
+
+    def drop(self) -> None:
+        """Forget the copy (the policy can no longer change a step)."""
+        self.saved = None
+
+    def restore(self) -> bool:
+        """Put the copied state back; False when there is no copy."""
+        if self.saved is None:
+            return False
+        state = self.optimizer.state
+        for p, saved in self.saved.items():
+            if saved is None:
+                state.pop(p, None)
+                continue
+            current = state[p]
+            for key in [k for k in current if k not in saved]:
+                del current[key]
+            for key, value in saved.items():
+                target = current.get(key)
+                same = isinstance(target, Tensor) and target.shape == value.shape
+                if isinstance(value, Tensor):
+                    if same and target.dtype == value.dtype:
+                        with torch.no_grad():
+                            target.copy_(value)
+                    else:
+                        current[key] = value.clone()
+                else:
+                    current[key] = copy.deepcopy(value)
+        return True

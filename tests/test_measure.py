@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from stepguard.measure import QUANTILES, _quantiles, sync_to_host
@@ -134,8 +136,15 @@ def test_masked_rows_host_and_device_agree_and_an_empty_step_reports_no_rows(on_
     empty = build_report(
         sync_to_host({"tau": torch.tensor(0.5), **scalars}, vectors), step=0, estimator="jvp", measured=True
     )
-    assert empty.spread.count == 0 and empty.delta_a == 0.0 and empty.r == 0.0
-    assert empty.rho_top2 is None and empty.binding == () and empty.sc_fraction is None
+    # no row counted: nothing was measured (not r = 0 from Δ_a = 0)
+    assert not empty.measured and empty.estimator == "none" and math.isnan(empty.r)
+    assert empty.spread.count == 0 and empty.rho_top2 is None and empty.binding == ()
+    assert empty.sc_fraction is None
+    later = build_report(
+        sync_to_host({"tau": torch.tensor(0.5), **scalars}, vectors), step=1, estimator="jvp",
+        measured=True, last_rho=2.0,
+    )
+    assert not later.measured and later.estimator == "estimate" and later.r == 0.25
 
 
 def test_measuring_a_masked_batch_forces_no_host_sync() -> None:

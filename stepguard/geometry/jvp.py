@@ -130,7 +130,8 @@ def replay_context(model: nn.Module, batch: Batch, mode: Mode) -> Iterator[None]
     updating their running statistics (they normalize with batch statistics, as in the
     training forward). Eval mode switches the whole model to eval. The CPU and device
     random generators are set to their state before the captured forward (so dropout draws
-    the same mask) and restored afterwards.
+    the same mask) and restored afterwards. Any other buffer the forward changes in place (a
+    step counter, a cache) is put back as it was.
     """
     devices = list(batch.device_rng_states)
     if mode == "eval":
@@ -141,6 +142,7 @@ def replay_context(model: nn.Module, batch: Batch, mode: Mode) -> Iterator[None]
             for m in model.modules()
             if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
         ]
+    kept = _BufferKeeper(model)
     token = _replaying.set(True)
     try:
         with contextlib.ExitStack() as stack:
@@ -159,11 +161,31 @@ def replay_context(model: nn.Module, batch: Batch, mode: Mode) -> Iterator[None]
             yield
     finally:
         _replaying.reset(token)
+        kept.restore()
         for m in changed:
             if mode == "eval":
                 m.training = True
             else:
                 m.track_running_stats = True
+
+
+class _BufferKeeper:
+    """Copies of a module's buffers, put back after a replay into those the replay changed.
+
+    Normalization layers' running statistics are left out: the replay stops them from
+    updating (``track_running_stats`` off in train mode; eval mode only reads them).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        norms = {id(b) for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+                 for b in m.buffers(recurse=False)}
+        self.saved = [(b, b._version, b.detach().clone()) for b in model.buffers() if id(b) not in norms]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for buffer, version, copy in self.saved:
+                if buffer._version != version:
+                    buffer.copy_(copy)
 
 
 def _looks_like_forward_ad_gap(exc: BaseException) -> bool:
