@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 import stepguard
 
@@ -103,12 +102,35 @@ def test_api_page_renders_the_docstrings(site: Path) -> None:
 
 
 # ---------------------------------------------------------------- examples on the pages
+#
+# Every ```python block of README.md and docs/*.md runs as written, page by page in one
+# namespace, in a folder where `stepguard demo` has run (the pages say to run it first).
+# A ```yaml block whose first line is `# NAME.yaml` is that file, written before the page
+# runs. `<!-- doc-test: skip (reason) -->` right before a block skips it, with its reason.
+# A `print(...)  # 1 2.5` line promises the numbers it prints; a console block of
+# `$ stepguard demo` promises its table.
+
+PAGES_WITH_CODE = ("README.md", *sorted(f"docs/{p.name}" for p in DOCS.glob("*.md")))
+SKIP = re.compile(r"<!--\s*doc-test:\s*skip\s*\((.+?)\)\s*-->\s*$")
+FENCE = re.compile(r"^([ \t]*)```(\w+)\n(.*?)^\1```", re.S | re.M)
+NUMBER = r"-?\d+(?:\.\d+)?(?:e-?\d+)?"
+# Pages owned elsewhere whose examples do not run yet: page -> what is missing.
+KNOWN_BROKEN: dict[str, str] = {
+    "docs/integrations.md": "blocks 0, 1, 3 and 4 use names the page never defines (loader, module, args)",
+}
 
 
-def _python_blocks(page: Path) -> list[str]:
-    """The fenced ``python`` blocks of a Markdown page, indentation of admonitions removed."""
-    blocks = re.findall(r"^([ \t]*)```python\n(.*?)^\1```", page.read_text(encoding="utf-8"), re.S | re.M)
-    return ["\n".join(line[len(indent) :] for line in body.splitlines()) for indent, body in blocks]
+def _blocks(page: str) -> list[tuple[str, str, str | None]]:
+    """``(language, code, skip reason)`` for each fenced block, admonition indentation removed."""
+    text = (REPO / page).read_text(encoding="utf-8")
+    found = []
+    for match in FENCE.finditer(text):
+        indent, language, body = match.groups()
+        before = text[: match.start()].rstrip().splitlines()
+        skip = SKIP.search(before[-1]) if before else None
+        code = "\n".join(line[len(indent) :] for line in body.splitlines())
+        found.append((language, code, skip.group(1) if skip else None))
+    return found
 
 
 def _expected_numbers(block: str) -> list[list[float]]:
@@ -117,45 +139,114 @@ def _expected_numbers(block: str) -> list[list[float]]:
     for line in block.splitlines():
         code, _, comment = line.partition("#")
         numbers = comment.split()
-        if "print(" in code and numbers and all(re.fullmatch(r"-?[\d.]+(e-?\d+)?", n) for n in numbers):
+        if "print(" in code and numbers and all(re.fullmatch(NUMBER, n) for n in numbers):
             found.append([float(n) for n in numbers])
     return found
 
 
-def _run_page(page: Path, namespace: dict[str, Any]) -> None:
-    for index, block in enumerate(_python_blocks(page)):
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            exec(compile(block, f"{page.name}[python block {index}]", "exec"), namespace)
-        lines = out.getvalue().splitlines()
-        printed = [[float(v) for v in re.findall(r"-?\d+\.\d+(?:e-?\d+)?", line)] for line in lines]
-        for expected in _expected_numbers(block):
-            assert any(got == pytest.approx(expected, rel=1e-5) for got in printed), (
-                f"{page.name} block {index} promises {expected}, printed {out.getvalue()!r}"
-            )
+def _run_python(page: str, index: int, block: str, namespace: dict[str, Any]) -> None:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(block, f"{page}[python block {index}]", "exec"), namespace)
+    printed = [[float(v) for v in re.findall(NUMBER, line)] for line in out.getvalue().splitlines()]
+    for expected in _expected_numbers(block):
+        assert any(got[-len(expected) :] == pytest.approx(expected, rel=1e-9) for got in printed), (
+            f"{page} python block {index} promises {expected}, printed {out.getvalue()[-2000:]!r}"
+        )
+
+
+def _demo_table(text: str) -> list[str]:
+    return [line for line in text.splitlines() if re.match(r"(run|plain|guarded) +\S", line)]
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder holding a short finished demo run in ``runs/demo``, as the pages assume."""
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A folder in which ``stepguard demo`` has run (``runs/demo``), and the demo's output."""
     from stepguard.demo import DemoSettings, run_demo
 
     folder = tmp_path_factory.mktemp("examples")
-    out = str(folder / "runs" / "demo")
-    run_demo(DemoSettings(steps=6, spike_at=3, out=out), progress=False, stream=io.StringIO())
-    return folder
-
-
-@pytest.fixture()
-def docs_namespace(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """What the pages' examples take as given: the working folder and a ``loader`` of batches."""
-    monkeypatch.chdir(workdir)
-    generator = torch.Generator().manual_seed(0)
-    x, y = torch.randn(16, 64, generator=generator), torch.randint(0, 10, (16,), generator=generator)
-    return {"loader": [(x, y)] * 3, "__name__": "docs_example"}
+    printed = io.StringIO()
+    run_demo(DemoSettings(out=str(folder / "runs" / "demo")), progress=False, stream=printed)
+    return folder, printed.getvalue()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("page", ["index.md", "quickstart.md", "concepts.md"])
-def test_python_examples_on_the_pages_run(page: str, docs_namespace: dict[str, Any]) -> None:
-    _run_page(DOCS / page, docs_namespace)
+@pytest.mark.parametrize(
+    "page",
+    [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=KNOWN_BROKEN[p])) if p in KNOWN_BROKEN
+     else p for p in PAGES_WITH_CODE],
+)
+def test_code_blocks_on_the_pages_run_as_written(
+    page: str, workdir: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, demo_output = workdir
+    monkeypatch.chdir(folder)
+    blocks = _blocks(page)
+    for language, code, _ in blocks:
+        first = code.splitlines()[0] if code else ""
+        if language == "yaml" and re.fullmatch(r"# [\w.-]+\.ya?ml", first):
+            (folder / first[2:]).write_text(code + "\n", encoding="utf-8")
+    namespace: dict[str, Any] = {"__name__": "docs_example"}
+    python = [(code, skip) for language, code, skip in blocks if language == "python"]
+    for index, (code, skip) in enumerate(python):
+        if skip is None:
+            _run_python(page, index, code, namespace)
+    for language, code, _ in blocks:
+        shows_table = _demo_table(code)
+        if language == "console" and shows_table and re.fullmatch(r"\$ stepguard demo( --plot \S+)?",
+                                                                  code.splitlines()[0]):
+            assert shows_table == _demo_table(demo_output), f"{page}: the demo prints another table"
+
+
+def test_skipped_blocks_are_few_and_say_why() -> None:
+    reasons = {
+        page: [skip for language, _, skip in _blocks(page) if language == "python" and skip]
+        for page in PAGES_WITH_CODE
+    }
+    listed = {page: found for page, found in reasons.items() if found}
+    assert sum(map(len, listed.values())) <= 4, listed
+    assert all(reason.strip() for found in listed.values() for reason in found)
+
+
+@pytest.mark.slow
+def test_the_jsonl_record_on_the_quickstart_is_the_demos_step_50(workdir: tuple[Path, str]) -> None:
+    import json
+
+    folder, _ = workdir
+    shown = [code for language, code, _ in _blocks("docs/quickstart.md") if language == "json"]
+    assert len(shown) == 1
+    record = json.loads(shown[0])
+    actual = json.loads((folder / "runs" / "demo" / "guarded.jsonl").read_text().splitlines()[record["step"]])
+
+    def compare(expected: Any, got: Any, path: str) -> None:
+        if isinstance(expected, dict):
+            for key, value in expected.items():
+                if key != "...":
+                    compare(value, got[key], f"{path}.{key}")
+        elif isinstance(expected, float):
+            assert got == pytest.approx(expected, rel=1e-12), path
+        elif path not in {"record.timings.measure"}:
+            assert got == expected, path
+
+    compare({k: v for k, v in record.items() if k != "timings"}, actual, "record")
+
+
+@pytest.mark.slow
+def test_the_readme_demo_table_is_what_the_demo_prints(tmp_path: Path) -> None:
+    """README's table rows: base LR | run | final acc | lowest acc after spike | clipped | max r."""
+    from stepguard.demo import DemoSettings, run_demo
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| (1e-\d) \| (plain Adam|guarded \(clip\)) \| \**([\d.]+)\** \| ([\d.]+) \| (\d+) \| ([\d,]+)",
+                      readme, re.M)
+    assert len(rows) == 4, rows
+    for lr in ("1e-3", "1e-2"):
+        summary = run_demo(DemoSettings(lr=float(lr), out=str(tmp_path / lr)), progress=False,
+                           stream=io.StringIO())
+        runs = dict(zip(("plain Adam", "guarded (clip)"), summary["runs"], strict=True))
+        for row_lr, name, final, lowest, clipped, max_r in rows:
+            if row_lr == lr:
+                run = runs[name]
+                assert (f"{run['final_accuracy']:.3f}", f"{run['lowest_accuracy_after_spike']:.3f}",
+                        int(clipped), round(run["max_r"])) == (final, lowest, run["clipped"],
+                                                                int(max_r.replace(",", ""))), (lr, name)
