@@ -91,12 +91,14 @@ def test_without_a_terminal_the_log_is_a_line_per_25_steps() -> None:
     assert "25 allowed" in lines[0] and "max r 24" in lines[0]
 
 
+@pytest.mark.slow
 def test_the_cli_starts_without_warnings() -> None:
     done = subprocess.run([sys.executable, "-W", "default", "-m", "stepguard", "--version"],
                           capture_output=True, text=True, check=True)
     assert done.stderr == "", done.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("blocked", "call", "extra"),
     [
