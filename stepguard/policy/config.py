@@ -17,11 +17,12 @@ Errors name the offending key: ``rules[2].condition.field: unknown report field 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from stepguard.policy import actions, conditions
@@ -30,6 +31,11 @@ from stepguard.policy.conditions import CONDITION_KINDS
 from stepguard.policy.rules import Escalation, Rule
 
 SUFFIXES = (".yaml", ".yml", ".json", ".toml")
+#: The largest policy file read (a policy is a few hundred bytes; this is checked before parsing).
+MAX_POLICY_BYTES = 1 << 20
+#: The most values (mappings, lists and scalars, YAML aliases counted each time) a policy file may hold.
+MAX_POLICY_VALUES = 100_000
+_WHAT_A_POLICY_HOLDS = "a policy file holds a mapping of policy keys, e.g. a name and its rules"
 
 
 class PolicyConfig(BaseModel):
@@ -68,6 +74,28 @@ class PolicyConfig(BaseModel):
                 )
             first[rule.name] = i
         return rules
+
+    @model_validator(mode="after")
+    def _finite_numbers(self) -> PolicyConfig:
+        for at, value in _non_finite(self.rules, ["rules"]):
+            raise PydanticCustomError(
+                "finite_number",
+                "must be a finite number, got {value}",
+                {"value": repr(value), "at": at},
+            )
+        return self
+
+
+def _non_finite(value: Any, at: list[str | int]) -> Iterator[tuple[list[str | int], float]]:
+    """Every infinite or NaN float in ``value`` (models, tuples, lists), with its key path."""
+    if isinstance(value, float) and not math.isfinite(value):
+        yield at, value
+    elif isinstance(value, BaseModel):
+        for name, field in type(value).model_fields.items():
+            yield from _non_finite(getattr(value, name), [*at, field.alias or name])
+    elif isinstance(value, (tuple, list)):
+        for i, item in enumerate(value):
+            yield from _non_finite(item, [*at, i])
 
 
 class PolicyConfigError(ValueError):
@@ -119,7 +147,9 @@ def read_policy_file(path: str | Path) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: no such file.
-        PolicyConfigError: an unknown suffix, a syntax error, or a top level that is not a mapping.
+        PolicyConfigError: an unknown suffix, an empty file or one over :data:`MAX_POLICY_BYTES`
+            (checked before parsing), a syntax error, a top level that is not a mapping or is
+            empty, or more than :data:`MAX_POLICY_VALUES` values.
         ModuleNotFoundError: a YAML file without PyYAML installed, or TOML on Python 3.10 without tomli.
     """
     path = Path(path)
@@ -127,7 +157,7 @@ def read_policy_file(path: str | Path) -> dict[str, Any]:
     if suffix not in SUFFIXES:
         message = f"unknown policy file type {suffix or path.name!r}; use {', '.join(SUFFIXES)}"
         raise PolicyConfigError([("", message)], str(path))
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     try:
         if suffix == ".json":
             data = json.loads(text)
@@ -141,11 +171,52 @@ def read_policy_file(path: str | Path) -> dict[str, Any]:
                 raise ValueError(str(exc)) from None
     except ValueError as exc:
         raise PolicyConfigError([("", f"cannot parse {suffix[1:].upper()}: {exc}")], str(path)) from None
-    if not isinstance(data, Mapping):
-        got = "an empty file" if data is None else type(data).__name__
-        message = f"the top level must be a mapping of policy keys, got {got}"
+    if data is None or (isinstance(data, Mapping) and not data):
+        message = f"the file holds no policy keys (only comments or an empty mapping); {_WHAT_A_POLICY_HOLDS}"
         raise PolicyConfigError([("", message)], str(path))
+    if not isinstance(data, Mapping):
+        message = f"the top level must be a mapping of policy keys, got {type(data).__name__}"
+        raise PolicyConfigError([("", message)], str(path))
+    _check_count(data, str(path))
     return dict(data)
+
+
+def _read_text(path: Path) -> str:
+    """The file's text, refused before parsing when it is empty or larger than :data:`MAX_POLICY_BYTES`."""
+    with open(path, "rb") as handle:
+        raw = handle.read(MAX_POLICY_BYTES + 1)
+        size = max(len(raw), path.stat().st_size)
+    if len(raw) > MAX_POLICY_BYTES:
+        message = (
+            f"the file is {size:,} bytes; a policy file may be at most {MAX_POLICY_BYTES:,} bytes "
+            "(1 MiB): is it the right file?"
+        )
+        raise PolicyConfigError([("", message)], str(path))
+    if not raw.strip():
+        raise PolicyConfigError([("", f"the file is empty; {_WHAT_A_POLICY_HOLDS}")], str(path))
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        message = f"not UTF-8 text (byte {exc.start}): a policy file is YAML, JSON or TOML text"
+        raise PolicyConfigError([("", message)], str(path)) from None
+
+
+def _check_count(data: Any, source: str) -> None:
+    """Refuse a policy of more than :data:`MAX_POLICY_VALUES` values (a YAML alias counts each time used)."""
+    pending, count = [data], 0
+    while pending:
+        value = pending.pop()
+        count += 1
+        if count > MAX_POLICY_VALUES:
+            message = (
+                f"the policy holds more than {MAX_POLICY_VALUES:,} values (YAML aliases count "
+                "each time they are used): is it the right file?"
+            )
+            raise PolicyConfigError([("", message)], source)
+        if isinstance(value, Mapping):
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
 
 
 def load_policy_config(path: str | Path) -> PolicyConfig:

@@ -288,7 +288,7 @@ def test_several_errors_are_all_listed_and_a_file_names_itself(tmp_path) -> None
         ("p.yaml", "rules: [\n", "cannot parse YAML"),
         ("p.json", "{", "cannot parse JSON"),
         ("p.toml", "rules = [", "cannot parse TOML"),
-        ("p.yaml", "", "got an empty file"),
+        ("p.yaml", "", "the file is empty"),
         ("p.json", "[1, 2]", "the top level must be a mapping"),
         ("p.txt", "", "unknown policy file type '.txt'"),
     ],
@@ -300,6 +300,100 @@ def test_unreadable_files_are_clear_errors(tmp_path, name, content, message) -> 
     path.write_text(content)
     with pytest.raises(PolicyConfigError, match=message):
         Policy.from_file(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("p.toml", "", "the file is empty"),
+        ("p.toml", "\n  \n", "the file is empty"),
+        ("p.json", "", "the file is empty"),
+        ("p.yaml", "\n", "the file is empty"),
+        ("p.toml", "# rules to come\n", r"holds no policy keys \(only comments or an empty mapping\)"),
+        ("p.yaml", "# rules to come\n", r"holds no policy keys \(only comments or an empty mapping\)"),
+        ("p.json", "{}", r"holds no policy keys \(only comments or an empty mapping\)"),
+    ],
+)
+def test_a_policy_file_without_a_policy_is_refused_in_every_format(tmp_path, name, content, message) -> None:
+    if name.endswith(".yaml"):
+        pytest.importorskip("yaml")
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(PolicyConfigError, match=f"{message}; a policy file holds a mapping of policy keys"):
+        Policy.from_file(path)
+
+
+@pytest.mark.parametrize("name", ["p.toml", "p.yaml", "p.json"])
+def test_an_oversized_policy_file_is_refused_before_parsing(tmp_path, monkeypatch, name) -> None:
+    path = tmp_path / name
+    path.write_bytes(b"#" * (1 << 20) + b"\n")
+
+    def parse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the file was parsed")
+
+    monkeypatch.setattr(json, "loads", parse)
+    with pytest.raises(
+        PolicyConfigError, match=r"the file is 1,048,577 bytes; a policy file may be at most 1,048,576"
+    ):
+        Policy.from_file(path)
+
+
+def test_a_yaml_alias_bomb_is_refused_quickly(tmp_path) -> None:
+    pytest.importorskip("yaml")
+    levels = ["c0: &c0 {kind: threshold, field: r, value: 1}"]
+    for k in range(1, 7):  # 10**6 thresholds once the aliases are expanded
+        refs = ", ".join([f"*c{k - 1}"] * 10)
+        levels.append(f"c{k}: &c{k} {{kind: all, conditions: [{refs}]}}")
+    body = "\n".join(f"  {line}" for line in levels)
+    path = tmp_path / "bomb.yaml"
+    path.write_text(f"x-defs:\n{body}\nrules:\n  - {{name: a, condition: *c6, action: veto}}\n")
+    with pytest.raises(PolicyConfigError, match="more than 100,000 values"):
+        Policy.from_file(path)
+
+
+@pytest.mark.parametrize(
+    ("rule", "key", "got"),
+    [
+        ({"condition": "r > inf"}, "rules[0].condition.value", "inf"),
+        (
+            {"condition": {"kind": "threshold", "field": "r", "value": -math.inf}},
+            "rules[0].condition.value",
+            "-inf",
+        ),
+        ({"condition": {"kind": "spike", "field": "loss", "z": math.inf}}, "rules[0].condition.z", "inf"),
+        (
+            {"condition": {"kind": "spike", "field": "loss", "min_std": math.inf}},
+            "rules[0].condition.min_std",
+            "inf",
+        ),
+        (
+            {
+                "condition": {
+                    "kind": "all",
+                    "conditions": ["nonfinite", {"kind": "spike", "field": "r", "min_rel_std": math.inf}],
+                }
+            },
+            "rules[0].condition.conditions[1].min_rel_std",
+            "inf",
+        ),
+    ],
+)
+def test_non_finite_numbers_in_a_policy_are_refused(rule, key, got) -> None:
+    with pytest.raises(PolicyConfigError) as info:
+        Policy.from_dict({"rules": [{"name": "a", "action": "veto", **rule}]})
+    assert dict(info.value.errors)[key] == f"must be a finite number, got {got}", info.value.errors
+
+
+def test_non_finite_numbers_in_a_policy_file_fail_policy_check(tmp_path, capsys) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text(
+        '[[rules]]\nname = "a"\naction = "veto"\ncondition = {kind = "spike", field = "loss", z = inf}\n'
+    )
+    assert main(["policy", "check", str(path)]) == 2
+    assert "rules[0].condition.z: must be a finite number, got inf" in capsys.readouterr().err
+    path.write_text("")
+    assert main(["policy", "check", str(path)]) == 2
+    assert f"{path}: the file is empty" in capsys.readouterr().err
 
 
 def test_yaml_without_pyyaml_names_the_package_and_the_extra(tmp_path, monkeypatch) -> None:
