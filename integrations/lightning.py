@@ -1,18 +1,25 @@
 """Guard the optimizers a Lightning ``Trainer`` owns.
 
 ``StepGuardCallback`` wraps each optimizer of the strategy in a :class:`~stepguard.StepGuard`
-when fitting starts. Lightning calls ``optimizer.step(closure)``; the guard always runs the
-closure (training_step + backward, as Lightning requires), measures the proposed update on
-the batch of the module's training forward, and clips or vetoes it. The reports go to the
-sinks and, as ``stepguard/<field>``, to ``pl_module.log``.
+when fitting starts. Lightning calls ``optimizer.step(closure)``; the guard runs the closure
+(training_step, backward, and Lightning's gradient clipping, all inside the closure), then
+measures the update the optimizer proposes on the batch of the module's training forward,
+and clips or vetoes it. The reports go to the sinks and, aggregated per logging window, to
+the Trainer's loggers as ``stepguard/<field>``.
+
+Each guard's state travels with its optimizer's state dict, so a checkpoint holds it and
+``trainer.fit(..., ckpt_path=...)`` continues the report steps where the checkpoint left off.
 
 Requires ``pip install 'stepguard[lightning]'``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+import logging
+import math
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from torch import Tensor, nn
 
@@ -20,7 +27,7 @@ from stepguard.config import GuardConfig
 from stepguard.guard import StepGuard
 from stepguard.policy import Policy
 from stepguard.report import StepReport
-from stepguard.sinks.base import Sink
+from stepguard.sinks.base import Sink, SinkSet
 
 try:
     from lightning.pytorch.callbacks import Callback
@@ -32,7 +39,95 @@ except ImportError:  # the standalone package name
             "stepguard.integrations.lightning needs Lightning: pip install 'stepguard[lightning]'"
         ) from exc
 
+logger = logging.getLogger("stepguard")
+
+DEFAULT_MAX_REPORTS = 1000
+"""How many of the most recent reports ``StepGuardCallback.reports`` keeps by default."""
+
 LOGGED_FIELDS: tuple[str, ...] = ("r", "rho_a", "tau", "applied_tau", "delta_a", "scale")
+"""Report fields logged with their value at the last step of each logging window."""
+
+ModelFn = Callable[[nn.Module], nn.Module]
+"""Picks, from the LightningModule, the module whose forward makes the logits."""
+
+TargetsFn = Callable[[Any], Tensor | None]
+"""Picks the targets (class indices) from a training batch, or None."""
+
+_F = TypeVar("_F")
+
+
+class _Window:
+    """The reports since the last log point, reduced to what the log shows (constant memory)."""
+
+    def __init__(self) -> None:
+        self.last: StepReport | None = None
+        self.r_max = math.nan
+        self.clipped = 0
+        self.vetoed = 0
+
+    def add(self, report: StepReport) -> None:
+        self.last = report
+        if not math.isnan(report.r) and (math.isnan(self.r_max) or report.r > self.r_max):
+            self.r_max = report.r
+        self.clipped += report.action == "clip"
+        self.vetoed += report.action == "veto"
+
+    def metrics(self, suffix: str = "") -> dict[str, float]:
+        """``stepguard/<field><suffix>`` of the last report, plus r_max and the action counts."""
+        assert self.last is not None
+        values = {name: float(getattr(self.last, name)) for name in LOGGED_FIELDS}
+        values |= {"r_max": self.r_max, "clipped": float(self.clipped), "vetoed": float(self.vetoed)}
+        return {f"stepguard/{name}{suffix}": value for name, value in values.items()}
+
+
+class _Collect:
+    """The sink through which the callback sees every report of one optimizer."""
+
+    name = "lightning-log"
+
+    def __init__(self, reports: deque[StepReport], every: deque[StepReport]) -> None:
+        self.reports = reports
+        self.every = every
+        self.window = _Window()
+
+    def write(self, report: StepReport) -> None:
+        self.reports.append(report)
+        self.every.append(report)
+        self.window.add(report)
+
+    def take_window(self) -> _Window | None:
+        """The window since the last call (None when no step was reported in it)."""
+        if self.window.last is None:
+            return None
+        window, self.window = self.window, _Window()
+        return window
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _KeepOpen:
+    """A user's sink as a guard sees it: the guard's ``close()`` only flushes it.
+
+    Every ``fit`` builds new guards; the sinks outlive them and are closed by
+    :meth:`StepGuardCallback.close`.
+    """
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.name = SinkSet.name_of(sink)
+
+    def write(self, report: StepReport) -> None:
+        self.sink.write(report)
+
+    def flush(self) -> None:
+        self.sink.flush()
+
+    def close(self) -> None:
+        self.sink.flush()
 
 
 class StepGuardCallback(Callback):
@@ -41,19 +136,31 @@ class StepGuardCallback(Callback):
     Args:
         policy: a preset name or a :class:`~stepguard.policy.Policy` (one instance per optimizer
             is not shared: pass a preset name, or a factory via ``policy_factory``).
-        sinks: sinks every report goes to.
+        sinks: sinks every report goes to; flushed at the end of every ``fit`` and closed by
+            :meth:`close`.
         config: a :class:`~stepguard.GuardConfig`.
         model_fn: picks the module whose forward produces the logits from the
             LightningModule (default: the LightningModule itself; use e.g.
-            ``lambda m: m.net`` when ``training_step`` calls ``self.net(x)``).
+            ``lambda m: m.net`` when ``training_step`` calls ``self.net(x)``). One function
+            serves every optimizer; a mapping from optimizer index to function (or a list,
+            one per optimizer) gives each optimizer its own module, e.g.
+            ``{0: lambda m: m.generator, 1: lambda m: m.discriminator}``.
         targets_fn: picks the targets from a training batch (default: the second element
-            of a tuple/list batch, when it is an integer tensor).
-        log: also log the report's main fields through ``pl_module.log``.
+            of a tuple/list batch, when it is an integer tensor); one function, or one per
+            optimizer index like ``model_fn``. A function may return None (no targets).
+        log: log each optimizer's reports to the Trainer's loggers, aggregated per logging
+            window (``log_every_n_steps``): ``stepguard/<field>`` of the window's last step,
+            ``stepguard/r_max`` and the counts ``stepguard/clipped``, ``stepguard/vetoed``
+            over the window's steps. With several optimizers the names end in ``_<index>``.
         policy_factory: builds one policy per optimizer (overrides ``policy``).
+        max_reports: how many of the most recent reports :attr:`reports` (and each entry of
+            :attr:`optimizer_reports`) keeps; ``None`` keeps all of them. The sinks receive
+            every report either way.
 
     Attributes:
-        guards: the :class:`~stepguard.StepGuard` of each optimizer.
-        reports: every report, in order.
+        guards: the :class:`~stepguard.StepGuard` of each optimizer, by optimizer index.
+        reports: the most recent reports of all optimizers, in the order the steps ran.
+        optimizer_reports: the most recent reports of each optimizer, by optimizer index.
     """
 
     def __init__(
@@ -62,61 +169,167 @@ class StepGuardCallback(Callback):
         sinks: Iterable[Sink] = (),
         config: GuardConfig | None = None,
         *,
-        model_fn: Callable[[nn.Module], nn.Module] | None = None,
-        targets_fn: Callable[[Any], Tensor | None] | None = None,
+        model_fn: ModelFn | Mapping[int, ModelFn] | Sequence[ModelFn] | None = None,
+        targets_fn: TargetsFn | Mapping[int, TargetsFn] | Sequence[TargetsFn] | None = None,
         log: bool = True,
         policy_factory: Callable[[], Policy] | None = None,
+        max_reports: int | None = DEFAULT_MAX_REPORTS,
     ) -> None:
         super().__init__()
+        if isinstance(model_fn, nn.Module):
+            raise TypeError(
+                "model_fn takes a function of the LightningModule, e.g. lambda m: m.net, not a module"
+            )
+        if max_reports is not None and (not isinstance(max_reports, int) or max_reports < 1):
+            raise ValueError(
+                f"max_reports must be a positive int (or None to keep every report), got {max_reports!r}"
+            )
         self.policy = policy
         self.sinks = list(sinks)
         self.config = config
         self.model_fn = model_fn
-        self.targets_fn = targets_fn or _default_targets
+        self.targets_fn = targets_fn
         self.log = log
         self.policy_factory = policy_factory
+        self.max_reports = max_reports
         self.guards: list[StepGuard] = []
-        self.reports: list[StepReport] = []
+        self.reports: deque[StepReport] = deque(maxlen=max_reports)
+        self.optimizer_reports: list[deque[StepReport]] = []
+        self._sinks = [_KeepOpen(sink) for sink in self.sinks]
+        self._collects: list[_Collect] = []
+        self._targets_fns: list[TargetsFn] = []
+        self._resume_step: int | None = None
 
     def on_fit_start(self, trainer: Any, pl_module: nn.Module) -> None:
-        model = self.model_fn(pl_module) if self.model_fn else pl_module
-        guarded = []
-        for optimizer in trainer.strategy.optimizers:
-            inner = optimizer.optimizer if hasattr(optimizer, "_strategy") else optimizer
-            if isinstance(inner, StepGuard):
-                guarded.append(inner)
-                continue
-            policy = self.policy_factory() if self.policy_factory else self.policy
-            guard = StepGuard(inner, model=model, policy=policy, sinks=self.sinks, config=self.config)
-            guarded.append(guard)
-        self.guards = guarded
-        trainer.strategy.optimizers = guarded
+        optimizers = list(trainer.strategy.optimizers)
+        count = len(optimizers)
+        model_fns = _per_optimizer(self.model_fn, count, "model_fn", default=lambda module: module)
+        self._targets_fns = _per_optimizer(self.targets_fn, count, "targets_fn", default=_default_targets)
+        previous = [guard.engine.state_dict() for guard in self.guards]
+        self._release_guards()
+        self.optimizer_reports = [deque(maxlen=self.max_reports) for _ in optimizers]
+        self._collects = [_Collect(reports, self.reports) for reports in self.optimizer_reports]
+        self.guards = [
+            self._guard(optimizer, index, model_fns[index], pl_module)
+            for index, optimizer in enumerate(optimizers)
+        ]
+        if len(previous) == count:  # a later fit: the steps continue
+            for guard, state in zip(self.guards, previous, strict=True):
+                guard.engine.load_state_dict(state)
+        trainer.strategy.optimizers = self.guards
+
+    def _guard(self, optimizer: Any, index: int, model_fn: ModelFn, pl_module: nn.Module) -> StepGuard:
+        inner = optimizer.optimizer if hasattr(optimizer, "_strategy") else optimizer  # LightningOptimizer
+        collect = self._collects[index]
+        if isinstance(inner, StepGuard):  # configure_optimizers returned a guard already
+            inner.engine.sinks.add(collect)
+            return inner
+        model = model_fn(pl_module)
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"model_fn for optimizer {index} returned {type(model).__name__}, not an nn.Module: "
+                "it must return the module whose forward makes the logits, e.g. lambda m: m.net"
+            )
+        policy = self.policy_factory() if self.policy_factory else self.policy
+        return StepGuard(inner, model=model, policy=policy, sinks=[collect, *self._sinks], config=self.config)
+
+    def on_load_checkpoint(self, trainer: Any, pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("optimizer_states") or []
+        if checkpoint.get("global_step") and not any("stepguard" in state for state in states):
+            self._resume_step = int(checkpoint["global_step"])
+
+    def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
+        step, self._resume_step = self._resume_step, None
+        if step is None:
+            return
+        if len(self.guards) != 1:
+            logger.warning(
+                "the checkpoint holds no StepGuard state and the module has %d optimizers: "
+                "report steps restart at 0",
+                len(self.guards),
+            )
+            return
+        logger.warning(
+            "the checkpoint holds no StepGuard state: report steps continue from the Trainer's "
+            "global step %d, the action counters restart at 0",
+            step,
+        )
+        engine = self.guards[0].engine
+        engine.load_state_dict(engine.state_dict() | {"step": step})
 
     def on_train_batch_start(self, trainer: Any, pl_module: nn.Module, batch: Any, batch_idx: int) -> None:
-        targets = self.targets_fn(batch)
-        if targets is not None:
-            for guard in self.guards:
+        for guard, targets_fn in zip(self.guards, self._targets_fns, strict=True):
+            targets = targets_fn(batch)
+            if targets is not None:
                 guard.observe(targets=targets)
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        for index, guard in enumerate(self.guards):
-            report = guard.last_report
-            if report is None or (self.reports and self.reports[-1] is report):
-                continue
-            self.reports.append(report)
-            if self.log:
-                suffix = "" if len(self.guards) == 1 else f"_{index}"
-                for name in LOGGED_FIELDS:
-                    value = getattr(report, name)
-                    pl_module.log(
-                        f"stepguard/{name}{suffix}", float(value), on_step=True, prog_bar=name == "r"
-                    )
+        # The same test as Lightning's own monitors: the loggers receive this batch's logs.
+        if not self.log or not trainer._logger_connector.should_update_logs:
+            return
+        for name, value in self._take_windows().items():
+            pl_module.log(name, value, on_step=True, on_epoch=False, prog_bar=name == "stepguard/r")
+
+    def on_train_end(self, trainer: Any, pl_module: nn.Module) -> None:
+        """Log the steps after the last log point, which Lightning would not log."""
+        metrics = self._take_windows() if self.log else {}
+        if metrics:
+            step = max(trainer.fit_loop.epoch_loop._batches_that_stepped - 1, 0)
+            for each in trainer.loggers:
+                each.log_metrics(metrics, step=step)
+
+    def _take_windows(self) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for index, collect in enumerate(self._collects):
+            window = collect.take_window()
+            if window is not None:
+                metrics |= window.metrics("" if len(self._collects) == 1 else f"_{index}")
+        return metrics
 
     def on_fit_end(self, trainer: Any, pl_module: nn.Module) -> None:
+        self._release_guards()
+
+    def _release_guards(self) -> None:
+        """Remove the guards' capture hooks and flush the sinks (they stay open)."""
         for guard in self.guards:
-            guard.engine.sinks.flush()
+            guard.close()
+
+    def close(self) -> None:
+        """Release the guards and close the sinks. Call once the Trainer is done fitting."""
+        self._release_guards()
+        for sink in self.sinks:
+            sink.close()
+
+
+def _per_optimizer(value: _F | Mapping[int, _F] | Sequence[_F] | None, count: int, name: str, *,
+                   default: _F) -> list[_F]:
+    """One function per optimizer index, from one function, a mapping or a sequence."""
+    if value is None:
+        return [default] * count
+    if isinstance(value, Mapping):
+        missing = [index for index in range(count) if index not in value]
+        extra = sorted(set(value) - set(range(count)), key=str)
+        if missing or extra:
+            raise ValueError(
+                f"{name} maps optimizer indices {sorted(value, key=str)}, but the module has "
+                f"{count} optimizer(s), indices 0..{count - 1}: give exactly one entry per index"
+            )
+        return [value[index] for index in range(count)]
+    if isinstance(value, Sequence):
+        if len(value) != count:
+            raise ValueError(
+                f"{name} has {len(value)} entries, but the module has {count} optimizer(s): "
+                "give one per optimizer, in the order configure_optimizers returns them"
+            )
+        return list(value)
+    if callable(value):
+        return [value] * count  # type: ignore[list-item]
+    raise TypeError(
+        f"{name} must be a function, a mapping from optimizer index to function, or a list of "
+        f"functions, got {type(value).__name__}"
+    )
 
 
 def _default_targets(batch: Any) -> Tensor | None:
