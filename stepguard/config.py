@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 class GuardConfig(BaseModel):
     """How a :class:`~stepguard.StepGuard` measures.
 
+    Every number must be finite: ``inf`` or ``nan`` in any field is an error.
+
     Attributes:
         mode: ``"train"`` measures the training function (same dropout mask, batch
             statistics; running buffers untouched); ``"eval"`` measures the model in eval mode.
@@ -50,7 +52,7 @@ class GuardConfig(BaseModel):
             as it does for any loss of softmax(z): cross-entropy, label smoothing, focal).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     mode: Literal["train", "eval"] = "train"
     estimator: Literal["auto", "jvp", "finite_difference"] = "auto"
