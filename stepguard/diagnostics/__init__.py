@@ -5,6 +5,7 @@
 * :mod:`.nlm`: naive loss minimization (NLM), updates that only rescale the logits.
 * :mod:`.entanglement`: gradient entanglement of objectives such as chosen and rejected
   log-likelihoods.
+* :mod:`.opis`: the operating-point inconsistency of an embedding model's thresholds.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from stepguard.diagnostics.entanglement import (
     EntanglementProbe,
     entanglement,
     entanglement_from_gram,
+    entanglement_ratios,
 )
-from stepguard.diagnostics.nlm import nlm_cosine, update_param_cosine
+from stepguard.diagnostics.nlm import gradient_weight_cosine, nlm_cosine, update_param_cosine
+from stepguard.diagnostics.opis import opis, opis_from_embeddings
 
 __all__ = [
     "Entanglement",
@@ -30,7 +33,11 @@ __all__ = [
     "absorption_gap",
     "entanglement",
     "entanglement_from_gram",
+    "entanglement_ratios",
+    "gradient_weight_cosine",
     "nlm_cosine",
+    "opis",
+    "opis_from_embeddings",
     "softmax_collapse",
     "softmax_collapse_stats",
     "update_param_cosine",

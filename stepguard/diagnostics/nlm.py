@@ -10,7 +10,7 @@ views of the same effect: in logit space (:func:`nlm_cosine`) and in parameter s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -119,3 +119,20 @@ def update_param_cosine(update: Sequence[Tensor], params: Sequence[Tensor]) -> T
     norm_u = torch.linalg.vector_norm(torch.stack([n.to(device, wide) for n in torch._foreach_norm(us)]))
     norm_p = torch.linalg.vector_norm(torch.stack([n.to(device, wide) for n in torch._foreach_norm(ps)]))
     return _safe_ratio(dot, norm_u * norm_p)
+
+
+def gradient_weight_cosine(params: Iterable[Tensor]) -> Tensor:
+    """Cosine between the negative gradient −g and the weights θ, all tensors together.
+
+    :func:`update_param_cosine` with the plain gradient step −g as the update. Close to 1
+    means a gradient step mostly rescales the weights (the NLM direction, which the ⊥Grad
+    optimizer :class:`stepguard.optim.PerpGrad` removes per tensor). Parameters without a
+    gradient are left out.
+
+    Raises:
+        ValueError: no parameter has a gradient.
+    """
+    with_grad = [p for p in params if p.grad is not None]
+    if not with_grad:
+        raise ValueError("no parameter has a gradient: call backward() first")
+    return update_param_cosine([-p.grad for p in with_grad], with_grad)  # type: ignore[operator]

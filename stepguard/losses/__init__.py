@@ -4,11 +4,17 @@ Build one by name with :func:`get` (``get("dpo", beta=0.1)``) or import its clas
 loss reports its named parts in ``components`` after a forward, says which logits its
 softmax or sigmoid acts on (``radius_logits``), and declares whether its value is a
 meaningful curve and whether it couples the samples of a batch. See ``docs/losses.md``.
+
+Only losses live here. What the papers ship beside them lives where it belongs: the ⊥Grad
+optimizer and the PRESTO solver in :mod:`stepguard.optim`, the Hadamard layer in
+:mod:`stepguard.layers`, the monitoring metrics in :mod:`stepguard.diagnostics` (softmax
+collapse, gradient–weight cosine, entanglement ratios, OPIS) and
+:mod:`stepguard.analysis.metrics` (negative flips, CLD).
 """
 
 from __future__ import annotations
 
-from stepguard.losses import functional, metrics
+from stepguard.losses import functional
 from stepguard.losses.aggregate import AggregateInterpolatedLoss, BagLevelLoss, InstanceLevelLoss
 from stepguard.losses.auc import AUCMLoss, AUCSquareLoss, MultiLabelAUCMLoss
 from stepguard.losses.base import BatchCouplingWarning, GuardedLoss
@@ -34,11 +40,10 @@ from stepguard.losses.margin_face import (
 )
 from stepguard.losses.mpt import MPTLoss
 from stepguard.losses.opl import OPLLoss
-from stepguard.losses.perpgrad import OrthoGrad, PerpGrad
 from stepguard.losses.preference import DPOLoss, IPOLoss, SimPOLoss
-from stepguard.losses.presto import PrestoFit, PRESTOLoss, ProportionalOddsLoss, fit_presto
+from stepguard.losses.presto import PRESTOLoss, ProportionalOddsLoss
 from stepguard.losses.registry import get, hyperparameters, info, names
-from stepguard.losses.soft_label import HadamardLinear, HardLabelLogisticLoss, SoftTargetBCELoss
+from stepguard.losses.soft_label import HardLabelLogisticLoss, SoftTargetBCELoss
 from stepguard.losses.soft_margin import SoftMarginLoss
 from stepguard.losses.stablemax import StableMaxCrossEntropyLoss
 from stepguard.losses.symmetric import BinaryUnhingedLoss, SymmetricCELoss
@@ -66,7 +71,6 @@ __all__ = [
     "EnsLoss",
     "GCELoss",
     "GuardedLoss",
-    "HadamardLinear",
     "HardLabelLogisticLoss",
     "HypersimplexBinaryLoss",
     "HypersimplexMulticlassLoss",
@@ -79,10 +83,7 @@ __all__ = [
     "MultiLabelAUCMLoss",
     "NCELoss",
     "OPLLoss",
-    "OrthoGrad",
     "PRESTOLoss",
-    "PerpGrad",
-    "PrestoFit",
     "ProportionalOddsLoss",
     "RCELoss",
     "SCELoss",
@@ -93,11 +94,9 @@ __all__ = [
     "StableMaxCrossEntropyLoss",
     "SymmetricCELoss",
     "TCMLoss",
-    "fit_presto",
     "functional",
     "get",
     "hyperparameters",
     "info",
-    "metrics",
     "names",
 ]

@@ -40,7 +40,6 @@ from stepguard.losses.mpt import (
     margin_calibrated_logits,
 )
 from stepguard.losses.opl import opl_loss
-from stepguard.losses.perpgrad import orthogonalize_gradients_, perp_gradient
 from stepguard.losses.preference import dpo_loss, ipo_loss, sequence_log_probs, simpo_loss
 from stepguard.losses.presto import (
     cumulative_class_probs,
@@ -108,8 +107,6 @@ __all__ = [
     "nce_loss",
     "opl_loss",
     "ordinal_log_likelihood",
-    "orthogonalize_gradients_",
-    "perp_gradient",
     "plus_margins",
     "presto_penalty",
     "rce_loss",

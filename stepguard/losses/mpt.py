@@ -4,8 +4,9 @@ An old model was trained on the first ``num_old`` classes; the new model has
 C = num_old + C_new outputs. Training adds a bias b to the new-class logits inside the
 cross-entropy (not at test time), so the model must keep larger margins for old classes,
 and distils from the old model and from an independently trained new reference model with
-focal weights. The negative-flip rate measures how many samples the old model got right and
-the new one gets wrong.
+focal weights. The negative-flip rates that measure how many samples the old model got right
+and the new one gets wrong are :func:`stepguard.analysis.metrics.negative_flip_rate` and
+:func:`~stepguard.analysis.metrics.relative_negative_flip_rate`.
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ __all__ = [
     "focal_distillation_kl",
     "focal_distillation_lm",
     "margin_calibrated_logits",
-    "negative_flip_rate",
-    "relative_negative_flip_rate",
 ]
 
 
@@ -95,40 +94,6 @@ def focal_distillation_lm(
     teacher = teacher.detach()
     sq = 0.5 * ((student - teacher) ** 2).mean(dim=1)
     return reduce(_focal_weight(teacher, target, alpha, beta) * sq, reduction)
-
-
-def negative_flip_rate(
-    old_logits: Tensor, new_logits: Tensor, target: Tensor, num_old: int | None = None
-) -> Tensor:
-    """NFR = mean over samples of ``1[old correct ∧ new wrong]``.
-
-    The old prediction is the argmax over the old model's outputs, the new one over all of
-    the new model's. With ``num_old`` only samples whose label is an old class count.
-    """
-    old_ok = old_logits.argmax(dim=1) == target
-    new_bad = new_logits.argmax(dim=1) != target
-    flips = (old_ok & new_bad).to(new_logits.dtype)
-    weights = _restriction(target, num_old, new_logits.dtype)
-    return (flips * weights).sum() / weights.sum().clamp(min=1.0)
-
-
-def relative_negative_flip_rate(
-    old_logits: Tensor, new_logits: Tensor, target: Tensor, num_old: int | None = None
-) -> Tensor:
-    """Relative NFR = NFR / ((1 − ER_old)·ER_new), 0 where the denominator is 0."""
-    weights = _restriction(target, num_old, new_logits.dtype)
-    count = weights.sum().clamp(min=1.0)
-    acc_old = ((old_logits.argmax(dim=1) == target).to(weights.dtype) * weights).sum() / count
-    err_new = ((new_logits.argmax(dim=1) != target).to(weights.dtype) * weights).sum() / count
-    denom = acc_old * err_new
-    nfr = negative_flip_rate(old_logits, new_logits, target, num_old)
-    return torch.where(denom > 0, nfr / denom.clamp(min=1e-30), torch.zeros_like(nfr))
-
-
-def _restriction(target: Tensor, num_old: int | None, dtype: torch.dtype) -> Tensor:
-    if num_old is None:
-        return torch.ones(target.shape, dtype=dtype, device=target.device)
-    return (target < num_old).to(dtype)
 
 
 class MPTLoss(GuardedLoss):

@@ -23,7 +23,6 @@ __all__ = [
     "IPOLoss",
     "SimPOLoss",
     "dpo_loss",
-    "entanglement_ratios",
     "ipo_loss",
     "sequence_log_probs",
     "simpo_loss",
@@ -200,52 +199,6 @@ def sequence_log_probs(
     token_logps = torch.log_softmax(logits.float(), dim=-1).gather(2, safe[..., None]).squeeze(2)
     total = (token_logps * mask).sum(dim=1)
     return total / mask.sum(dim=1).clamp(min=1) if average else total
-
-
-def entanglement_ratios(
-    grad_chosen: Tensor,
-    grad_rejected: Tensor,
-    d_chosen: Tensor | float = 1.0,
-    d_rejected: Tensor | float = 1.0,
-) -> dict[str, Tensor]:
-    """First-order gradient-entanglement diagnostics of a margin preference loss.
-
-    With ``d_w = −∂L/∂log π_w ≥ 0`` and ``d_l = ∂L/∂log π_l ≥ 0``, one gradient step raises
-    log π_w iff ``⟨∇_w, ∇_l⟩ < (d_w/d_l)·‖∇_w‖²`` and lowers log π_l iff
-    ``⟨∇_w, ∇_l⟩ < (d_l/d_w)·‖∇_l‖²`` (DPO: d_w = d_l; SimPO: d_w/d_l = |y_l|/|y_w|).
-
-    Args:
-        grad_chosen: gradient of log π(y_w) w.r.t. the trainable parameters, flattened.
-        grad_rejected: gradient of log π(y_l), flattened.
-        d_chosen: d_w.
-        d_rejected: d_l.
-
-    The ratios are those of :func:`stepguard.diagnostics.entanglement` (one definition).
-
-    Returns:
-        ``inner``, ``cosine``, ``norm_chosen_sq``, ``norm_rejected_sq``, ``chosen_ratio``
-        (⟨∇_w,∇_l⟩ / ((d_w/d_l)‖∇_w‖²), < 1 means log π_w rises) and ``rejected_ratio``
-        (⟨∇_w,∇_l⟩ / ((d_l/d_w)‖∇_l‖²), < 1 means log π_l falls).
-    """
-    from stepguard.diagnostics import entanglement_from_gram
-
-    g_w = grad_chosen.reshape(-1)
-    g_l = grad_rejected.reshape(-1).to(g_w.dtype)
-    inner = g_w @ g_l
-    nw, nl = g_w @ g_w, g_l @ g_l
-    gram = torch.stack([torch.stack([nw, inner]), torch.stack([inner, nl])])
-    # d_w/d_l enters as lengths[rejected]/lengths[chosen], the SimPO convention
-    result = entanglement_from_gram(
-        gram, ("chosen", "rejected"), lengths={"chosen": d_rejected, "rejected": d_chosen}
-    )
-    return {
-        "inner": inner,
-        "cosine": result.cosine[0, 1],
-        "norm_chosen_sq": nw,
-        "norm_rejected_sq": nl,
-        "chosen_ratio": result.ratio_chosen,
-        "rejected_ratio": result.ratio_rejected,
-    }
 
 
 class _PreferenceLoss(GuardedLoss):

@@ -18,11 +18,9 @@ __all__ = [
     "StableMaxCrossEntropyLoss",
     "cross_entropy_in_dtype",
     "log_stablemax",
-    "softmax_collapse_fraction",
     "stablemax",
     "stablemax_cross_entropy",
     "stablemax_s",
-    "zero_loss_fraction",
 ]
 
 _TINY = 1e-30
@@ -122,29 +120,3 @@ def cross_entropy_in_dtype(
     if faithful and dtype == torch.float64:
         loss = loss.to(torch.float32)
     return loss
-
-
-def softmax_collapse_fraction(logits: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """Fraction of rows whose ``Σ_j exp(z_j − max z)`` is exactly 1 in ``dtype``.
-
-    Then every non-maximal term was absorbed and the top class has probability exactly 1
-    (Softmax Collapse). In float32 a single other class is absorbed once its gap to the
-    maximum exceeds about 16.6 (half an ulp of 1), in float16 about 7.6, in float64 36.7.
-
-    Args:
-        logits: (N, C).
-        dtype: precision to test (the logits' own by default).
-    """
-    z = logits.detach().to(dtype or logits.dtype)
-    total = torch.exp(z - z.amax(dim=-1, keepdim=True)).sum(dim=-1)
-    return (total == 1).to(torch.float32).mean()
-
-
-def zero_loss_fraction(
-    logits: Tensor, target: Tensor, dtype: torch.dtype | None = None, *, faithful: bool = False
-) -> Tensor:
-    """Fraction of samples whose cross-entropy in ``dtype`` is exactly 0 (zero gradient)."""
-    losses = cross_entropy_in_dtype(
-        logits.detach(), target, dtype or logits.dtype, "none", faithful=faithful
-    )
-    return (losses == 0).to(torch.float32).mean()

@@ -1,4 +1,4 @@
-"""Soft-label logistic loss, aggregate-response losses and CLD coreset scores."""
+"""Soft-label logistic loss (with its Hadamard layer) and aggregate-response losses."""
 
 from __future__ import annotations
 
@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import load_golden, t64
 
+from stepguard.layers import HadamardLinear
 from stepguard.losses import (
     AggregateInterpolatedLoss,
     BagLevelLoss,
-    HadamardLinear,
     HardLabelLogisticLoss,
     InstanceLevelLoss,
     SoftTargetBCELoss,
@@ -21,7 +20,6 @@ from stepguard.losses.functional import (
     instance_level_loss,
     interpolated_aggregate_loss,
 )
-from stepguard.losses.metrics import cld_coreset, cld_ranking, cld_scores
 
 
 def test_soft_target_bce_closed_form_and_hard_label_special_case() -> None:
@@ -111,57 +109,3 @@ def test_aggregate_bad_inputs() -> None:
         BagLevelLoss()(PRED, BAGS.float(), RESP)
     with pytest.raises(ValueError, match=r"\(N,\)"):
         BagLevelLoss()(PRED[None], BAGS, RESP)
-
-
-CLD = load_golden("cld_scores.json")
-
-
-def test_cld_matches_reference_ranking() -> None:
-    inputs = CLD["inputs"]
-    train_labels = torch.tensor(inputs["train_labels"])
-    scores = cld_scores(
-        t64(inputs["train_losses_E_by_N"]),
-        t64(inputs["val_losses_E_by_N"]),
-        train_labels,
-        torch.tensor(inputs["val_labels"]),
-        num_classes=10,
-    )
-    ranking = cld_ranking(scores, train_labels, 10)
-    for cls, expected in CLD["outputs"]["sorted_indices_per_class"].items():
-        assert ranking[int(cls)].tolist() == expected
-    assert all(ranking[c].numel() == 0 for c in range(2, 10))
-    assert float(scores[6]) == 0.0
-
-
-def test_cld_scores_against_numpy_pearson() -> None:
-    inputs = CLD["inputs"]
-    train = np.array(inputs["train_losses_E_by_N"])
-    val = np.array(inputs["val_losses_E_by_N"])
-    labels, val_labels = np.array(inputs["train_labels"]), np.array(inputs["val_labels"])
-    scores = cld_scores(
-        torch.tensor(train), torch.tensor(val), torch.tensor(labels), torch.tensor(val_labels)
-    )
-    for m in range(train.shape[1]):
-        d_train = np.diff(train[:, m])
-        d_val = np.diff(val[:, val_labels == labels[m]].mean(axis=1))
-        expected = 0.0 if d_train.std() == 0 else np.corrcoef(d_train, d_val)[0, 1]
-        assert float(scores[m]) == pytest.approx(expected, abs=1e-12)
-
-
-def test_cld_coreset_takes_the_top_of_each_class() -> None:
-    scores = torch.tensor([0.9, 0.1, 0.5, -0.2, 0.7, 0.3])
-    labels = torch.tensor([0, 0, 0, 1, 1, 1])
-    assert cld_coreset(scores, labels, 2, per_class=1).tolist() == [0, 4]
-    assert cld_coreset(scores, labels, 2, fraction=2 / 3).tolist() == [0, 2, 4, 5]
-    with pytest.raises(ValueError, match="exactly one"):
-        cld_coreset(scores, labels, 2)
-
-
-def test_cld_bad_inputs() -> None:
-    with pytest.raises(ValueError, match="at least 3"):
-        cld_scores(
-            torch.rand(2, 4),
-            torch.rand(2, 3),
-            torch.zeros(4, dtype=torch.long),
-            torch.zeros(3, dtype=torch.long),
-        )

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
+from stepguard.diagnostics import entanglement_ratios
 from stepguard.losses import DPOLoss, IPOLoss, SimPOLoss, get
 from stepguard.losses.functional import dpo_loss, ipo_loss, sequence_log_probs, simpo_loss
-from stepguard.losses.metrics import entanglement_ratios
 
 # Four pairs of summed log-probs: policy chosen/rejected, reference chosen/rejected.
 PC = torch.tensor([-12.0, -30.5, -8.25, -50.0], dtype=torch.float64)

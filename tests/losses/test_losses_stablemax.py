@@ -1,4 +1,8 @@
-"""StableMax cross-entropy, Softmax-Collapse diagnostics and the ⊥Grad optimiser."""
+"""StableMax cross-entropy, with the golden file's Softmax-Collapse thresholds and ⊥Grad steps.
+
+The collapse diagnostics (:mod:`stepguard.diagnostics`) and the ⊥Grad optimizer
+(:mod:`stepguard.optim`) are checked here against the same reference run.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +12,15 @@ import pytest
 import torch
 from conftest import F64, close, load_golden, t32, t64
 
-from stepguard.losses import PerpGrad, StableMaxCrossEntropyLoss
+from stepguard.diagnostics import gradient_weight_cosine, softmax_collapse
+from stepguard.losses import StableMaxCrossEntropyLoss
 from stepguard.losses.functional import (
     cross_entropy_in_dtype,
     log_stablemax,
-    perp_gradient,
     stablemax,
     stablemax_s,
 )
-from stepguard.losses.metrics import (
-    gradient_weight_cosine,
-    softmax_collapse_fraction,
-    zero_loss_fraction,
-)
+from stepguard.optim import PerpGrad, perp_gradient
 
 GOLDEN = load_golden("stablemax_perpgrad.json")
 CASES = GOLDEN["cases"]
@@ -95,9 +95,9 @@ def test_softmax_collapse_thresholds_by_precision() -> None:
     # One other class: Σ exp(z_j − max z) = 1 + e^{-gap} rounds to 1 once e^{-gap} is below
     # half an ulp of 1: 2^-24 in float32 (gap > 16.64), 2^-11 in float16 (gap > 7.62).
     rows = torch.tensor([[0.0, 16.0], [0.0, 17.0], [0.0, 7.0], [0.0, 8.0]])
-    assert float(softmax_collapse_fraction(rows)) == 0.25
-    assert float(softmax_collapse_fraction(rows, torch.float16)) == 0.75
-    assert float(softmax_collapse_fraction(rows, torch.float64)) == 0.0
+    assert softmax_collapse(rows).fraction == 0.25
+    assert softmax_collapse(rows.to(torch.float16)).fraction == 0.75
+    assert softmax_collapse(rows.to(torch.float64)).fraction == 0.0
     assert 24 * math.log(2) == pytest.approx(16.64, abs=0.01)
 
 
@@ -107,10 +107,11 @@ def test_zero_loss_fraction_by_precision() -> None:
     # a positive float64 cross-entropy is at least ~1e-16, far above float32's underflow.
     rows = torch.tensor([[-20.0, 0.0], [0.0, 5.0]], dtype=torch.float64)
     target = torch.tensor([1, 1])
-    assert float(zero_loss_fraction(rows, target, torch.float32)) == 0.5
-    assert float(zero_loss_fraction(rows, target, torch.float64)) == 0.0
-    assert float(zero_loss_fraction(rows, target, torch.float64, faithful=True)) == 0.0
-    assert float(zero_loss_fraction(rows * 2, target, torch.float64)) == 0.5
+    assert softmax_collapse(rows.to(torch.float32), target).zero_loss_fraction == 0.5
+    assert softmax_collapse(rows, target).zero_loss_fraction == 0.0
+    faithful = cross_entropy_in_dtype(rows, target, torch.float64, "none", faithful=True)
+    assert int((faithful == 0).sum()) == 0
+    assert softmax_collapse(rows * 2, target).zero_loss_fraction == 0.5
 
 
 def test_orthograd_single_step_matches_reference() -> None:

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from conftest import close, load_golden, t32
 
+from stepguard.diagnostics import opis, opis_from_embeddings
 from stepguard.losses import OPLLoss, TCMLoss
 from stepguard.losses.functional import opl_loss, tcm_loss
-from stepguard.losses.metrics import opis, opis_from_embeddings
 
 TCM = load_golden("tcm.json")
 OPL = load_golden("opl.json")

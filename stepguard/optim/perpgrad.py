@@ -7,6 +7,7 @@ changing predictions. ⊥Grad removes it per parameter tensor w with gradient g:
     g⊥ = g − (w·g)/(w·w + 1e−30)·w,   then   g⊥ ← g⊥·‖g‖/(‖g⊥‖ + 1e−30)
 
 and hands g⊥ to the base optimiser (Prieto, Barsbey, Mediano & Birdal, arXiv 2501.04697).
+:func:`stepguard.diagnostics.gradient_weight_cosine` measures the component it removes.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from torch.optim import Optimizer
 __all__ = [
     "OrthoGrad",
     "PerpGrad",
-    "gradient_weight_cosine",
     "orthogonalize_gradients_",
     "perp_gradient",
 ]
@@ -56,20 +56,6 @@ def orthogonalize_gradients_(
     for p in params:
         if p.grad is not None:
             p.grad.copy_(perp_gradient(p, p.grad, eps=eps, rescale=rescale))
-
-
-@torch.no_grad()
-def gradient_weight_cosine(params: Iterable[Tensor]) -> Tensor:
-    """Cosine between the negative gradient and the weights over all given parameters.
-
-    Close to 1 means the update mostly rescales the weights (the NLM direction).
-    """
-    pairs = [(p.reshape(-1), p.grad.reshape(-1)) for p in params if p.grad is not None]
-    if not pairs:
-        raise ValueError("no parameter has a gradient")
-    w = torch.cat([w for w, _ in pairs])
-    g = torch.cat([g.to(w.dtype) for _, g in pairs])
-    return -(w @ g) / (torch.linalg.vector_norm(w) * torch.linalg.vector_norm(g) + _TINY)
 
 
 class PerpGrad(Optimizer):
