@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,3 +91,18 @@ def _clipped(sample: float, average: float | None) -> float:
 
 def _known(x: float | None) -> float | None:
     return None if x is None or math.isnan(x) else x
+
+
+class PhaseTimer:
+    """Host seconds per named phase of a step: ``with timer.phase("measure"): ...``."""
+
+    def __init__(self, **already: float) -> None:
+        self.seconds: dict[str, float] = dict(already)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start

@@ -71,7 +71,7 @@ def test_no_batch_is_refused_before_the_inner_step(policy: str) -> None:
     guard.zero_grad()
     F.cross_entropy(net(x), y).backward()
     net.train()
-    guard.engine.capture.batch = None
+    guard.engine.measured.capture.batch = None
     with pytest.raises(NoBatchError, match="no training batch"):
         guard.step()
     assert_params(net, theta)
@@ -110,7 +110,7 @@ def test_an_error_in_the_measurement_rolls_the_step_back(policy: str) -> None:
     F.cross_entropy(net(x)[0], y).backward()
     guard.step()
     theta, state = params_of(net), optimizer_state(guard)
-    guard.engine.logits_fn = None  # now the tuple output cannot be read: a TypeError after the step
+    guard.engine.measured.logits_fn = None  # now the tuple output cannot be read: a TypeError after the step
     guard.zero_grad()
     F.cross_entropy(net(x)[0], y).backward()
     with pytest.raises(TypeError, match="cannot find logits"):

@@ -141,7 +141,7 @@ def test_budget_round_trips_through_state_dict() -> None:
     saved = guard.state_dict()["stepguard"]["schedule"]
     other = StepGuard(torch.optim.Adam(net_().parameters(), lr=1e-3), model=net_(), budget=0.2)
     other.load_state_dict(guard.state_dict())
-    assert other.engine.schedule.state_dict() == saved
+    assert other.engine.trigger.schedule.state_dict() == saved
 
 
 class FakeClock:
@@ -173,14 +173,14 @@ def test_budget_costs_leave_out_the_first_replay_and_pauses(monkeypatch) -> None
         guard.step()
 
     step(0.01)  # the first step: measured, its replay's set-up is not a running cost
-    assert engine.costs.measure is None and engine.schedule.measure_cost is None
+    assert engine.trigger.costs.measure is None and engine.trigger.schedule.measure_cost is None
     for _ in range(3):
         step(0.01)
-    assert engine.costs.measure is not None  # the second measurement is a running cost
-    assert engine.costs.plain == pytest.approx(0.01, rel=0.01)  # T: the step without the guard
+    assert engine.trigger.costs.measure is not None  # the second measurement is a running cost
+    assert engine.trigger.costs.plain == pytest.approx(0.01, rel=0.01)  # T: the step without the guard
     step(10.0)  # an evaluation loop between two steps: a pause, not a step period
-    assert engine.costs.plain == pytest.approx(0.01, rel=0.01)
-    assert engine.schedule.step_period == pytest.approx(0.01, rel=0.01)
+    assert engine.trigger.costs.plain == pytest.approx(0.01, rel=0.01)
+    assert engine.trigger.schedule.step_period == pytest.approx(0.01, rel=0.01)
 
 
 def test_cost_meter_averages_clips_outliers_and_plans_with_reduced_costs() -> None:

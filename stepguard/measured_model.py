@@ -1,0 +1,232 @@
+"""The model a guard measures: what it replays, on which batch, along which parameters.
+
+:class:`MeasuredModel` holds the user's module (unwrapped from DDP / ``torch.compile``), the
+hook that captures its training forwards, the loss head when a loss builds the logits, and
+the map from the optimizer's parameters to the module's names. Before the inner step it
+checks that a step could be measured at all; after it, it replays the captured batch at θ₀
+along Δθ/τ (:func:`~stepguard.measure.measure_update`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from stepguard.capture import ForwardCapture, unwrap_model
+from stepguard.config import GuardConfig
+from stepguard.errors import NoBatchError
+from stepguard.geometry.jvp import Batch
+from stepguard.geometry.logits import LogitsFn
+from stepguard.measure import measure_update
+from stepguard.output_check import OutputCheck
+from stepguard.snapshot import ParameterSnapshot, Update
+
+logger = logging.getLogger("stepguard")
+
+RowsFn = Callable[[tuple[Any, ...], dict[str, Any]], Mapping[str, "Tensor | None"]]
+"""``rows_fn(args, kwargs) -> {"targets": ..., "mask": ...}``: the rows that count, from a forward."""
+
+Layout = list[tuple[str, Tensor, "int | None"]]
+
+
+class LossHead(nn.Module):
+    """The model followed by a loss's ``radius_logits``: the function whose radius is measured.
+
+    A loss such as ArcFace owns parameters (the class centres) and builds the logits its
+    softmax acts on from the model output and the targets; measuring the radius on the
+    model output alone would miss both. The head's parameters are the model's
+    (``model.*``) and the loss's (``loss.*``).
+    """
+
+    def __init__(self, model: nn.Module, loss: nn.Module, logits_fn: LogitsFn | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.loss = loss
+        self.logits_fn = logits_fn
+        self.targets: Tensor | None = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        output = self.model(*args, **kwargs)
+        if self.logits_fn is not None:
+            output = self.logits_fn(output)
+        return self.loss.radius_logits(output, self.targets)
+
+
+class MeasuredModel:
+    """The module, its captured batch and its parameter layout, for one guard.
+
+    Args:
+        model: the network whose logits the optimizer moves (``None``: every step is
+            refused with :class:`~stepguard.errors.NoBatchError`).
+        config: the guard's configuration.
+        logits_fn: picks the logits from the model output.
+        loss: a loss with ``radius_logits`` (measured through a :class:`LossHead`).
+        rows_fn: derives targets and a mask from the captured forward's arguments.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None,
+        config: GuardConfig,
+        logits_fn: LogitsFn | None = None,
+        loss: nn.Module | None = None,
+        rows_fn: RowsFn | None = None,
+    ) -> None:
+        self.config = config
+        self.logits_fn = logits_fn
+        self.rows_fn = rows_fn
+        self.model: nn.Module | None = None
+        self.capture: ForwardCapture | None = None
+        self.head: LossHead | None = None
+        self.output_check: OutputCheck | None = None
+        if model is not None:
+            self.model = unwrap_model(model)
+            self.capture = ForwardCapture(self.model)
+            if loss is not None and getattr(loss, "has_radius_logits", False):
+                self.head = LossHead(self.model, loss, logits_fn)
+            elif not config.assume_logits:
+                self.output_check = OutputCheck(self.model, logits_fn)
+        self._params_key: tuple[tuple[int, bool], ...] | None = None
+        self._foreign: list[tuple[str, Tensor]] = []
+        self._layout: Layout = []
+
+    @property
+    def module(self) -> nn.Module | None:
+        """What the JVP differentiates: the loss head when there is one, else the model."""
+        return self.head or self.model
+
+    # ---------------------------------------------------------------- before the inner step
+
+    def check_ready(
+        self, optimizer: torch.optim.Optimizer, params: list[Tensor], *, inputs_given: bool, closure: bool
+    ) -> None:
+        """Refuse, before the inner step, a step that could not be measured.
+
+        Needs a model, a captured training batch (unless inputs were given or a closure will
+        run the forward), and the model holding every parameter the step moves: a
+        parameter the module does not hold would be left out of the JVP and make r too small.
+        """
+        if self.model is None:
+            raise NoBatchError(
+                "StepGuard has no model to measure: pass StepGuard(optimizer, model=net) "
+                "(or attach(optimizer, net))"
+            )
+        if not (inputs_given or closure) and (self.capture is None or self.capture.batch is None):
+            raise NoBatchError(_NO_BATCH)
+        key = tuple((id(p), p.requires_grad) for p in params)
+        if key != self._params_key:
+            module = self.module
+            self._foreign = _foreign_parameters(module, optimizer)
+            index = {id(p): i for i, p in enumerate(params)}
+            self._layout = [(n, p, index.get(id(p))) for n, p in module.named_parameters() if p.requires_grad]
+            self._params_key = key
+        if self._foreign:
+            _refuse_foreign([(label, p) for label, p in self._foreign if p.grad is not None])
+
+    # ---------------------------------------------------------------- after the inner step
+
+    def measure(
+        self,
+        snapshot: ParameterSnapshot,
+        update: Update | None,
+        tau: Tensor,
+        observed: Mapping[str, Any],
+        *,
+        step: int,
+        estimator: str,
+        summarize_on_host: bool,
+        timings: dict[str, float],
+    ) -> tuple[str, dict[str, Tensor], dict[str, Tensor]]:
+        """The logit velocities at θ₀ along Δθ/τ on the step's batch, and their statistics."""
+        batch = self._batch(observed, step)
+        if self.rows_fn is not None and "targets" not in observed and "mask" not in observed:
+            rows = self.rows_fn(batch.args, batch.kwargs)
+            observed = {**observed, **{k: v for k, v in rows.items() if v is not None}}
+        logits_fn = self.logits_fn
+        if self.head is not None:
+            self.head.targets = observed.get("targets")
+            logits_fn = None
+        theta0 = snapshot.theta0
+        delta = update.views() if update is not None else []
+        primals: dict[str, Tensor] = {}
+        tangent: dict[str, Tensor] = {}
+        for name, p, i in self._layout:
+            # Each primal gets its own storage: a dual tensor made from a slice of the flat θ₀
+            # makes forward-mode AD give the whole buffer a tangent, once per parameter.
+            primals[name] = p.detach() if i is None else theta0[i].clone()
+            tangent[name] = torch.zeros_like(p) if i is None else delta[i]
+        return measure_update(
+            self.module,
+            primals,
+            tangent,
+            tau,
+            batch,
+            config=self.config,
+            targets=observed.get("targets"),
+            mask=observed.get("mask"),
+            logits_fn=logits_fn,
+            estimator=estimator,
+            summarize_on_host=summarize_on_host,
+            timings=timings,
+        )
+
+    def after_step(self) -> None:
+        """Give the verdict of the one-time output check once its gradient was seen."""
+        if self.output_check is not None and not self.output_check.done:
+            self.output_check.verdict()
+
+    def close(self) -> None:
+        if self.capture is not None:
+            self.capture.remove()
+        if self.output_check is not None:
+            self.output_check.close()
+
+    def _batch(self, observed: Mapping[str, Any], step: int) -> Batch:
+        if "inputs" in observed:
+            return Batch.from_inputs(observed["inputs"], training=self.model.training)
+        batch, fresh = self.capture.take()
+        if batch is None:
+            raise NoBatchError(_NO_BATCH)
+        if not fresh and step > 0:
+            logger.warning(
+                "StepGuard is measuring step %d on the batch of an earlier step: the model "
+                "ran no training forward since the last step",
+                step,
+            )
+        return batch
+
+
+_NO_BATCH = (
+    "StepGuard has no training batch to measure this step on: no forward of the model ran in "
+    "train mode with autograd enabled before step(). Run the forward of the model passed as "
+    "model=... (in train mode), or pass guard.step(inputs=batch)."
+)
+
+
+def _foreign_parameters(module: nn.Module, optimizer: torch.optim.Optimizer) -> list[tuple[str, Tensor]]:
+    """The optimizer's trainable parameters that ``module`` does not hold, labelled by position."""
+    owned = {id(p) for p in module.parameters()}
+    return [
+        (f"param_groups[{g}]['params'][{i}] (shape {tuple(p.shape)})", p)
+        for g, group in enumerate(optimizer.param_groups)
+        for i, p in enumerate(group["params"])
+        if p.requires_grad and id(p) not in owned
+    ]
+
+
+def _refuse_foreign(moving: list[tuple[str, Tensor]]) -> None:
+    """A parameter the step moves but the measured model does not hold would be left out of r."""
+    if not moving:
+        return
+    labels = [label for label, _ in moving]
+    shown = ", ".join(labels[:5]) + (f" and {len(labels) - 5} more" if len(labels) > 5 else "")
+    raise ValueError(
+        f"the model given to StepGuard does not own {len(labels)} of the optimizer's parameters "
+        f"that have gradients: {shown}. The JVP would leave their update out and report too small "
+        "an r. Pass the module that holds every parameter the optimizer trains (for two networks "
+        "with two optimizers, one guard per optimizer with its own model)."
+    )
