@@ -122,6 +122,7 @@ class Line:
         start, end: its byte offsets (``end`` past the newline).
         data: the decoded object, or ``None`` when the line is corrupt or incomplete.
         clean: the bytes on disk are exactly one JSON object (nothing was recovered or lost).
+        raw: the bytes on disk.
     """
 
     number: int
@@ -129,6 +130,7 @@ class Line:
     end: int
     data: Any
     clean: bool
+    raw: bytes
 
 
 def scan(path: str | os.PathLike[str]) -> Iterator[Line]:
@@ -152,10 +154,10 @@ def scan(path: str | os.PathLike[str]) -> Iterator[Line]:
                     f"incomplete last line ({len(raw)} bytes without a newline: the "
                     "writer was stopped mid-line or is still writing it); skipped",
                 )
-                yield Line(number, start, offset, None, False)
+                yield Line(number, start, offset, None, False, raw)
                 return
             data, clean = _decode(path, number, raw)
-            yield Line(number, start, offset, data, clean)
+            yield Line(number, start, offset, data, clean, raw)
 
 
 def _decode(path: str | os.PathLike[str], number: int, raw: bytes) -> tuple[Any, bool]:
@@ -232,22 +234,33 @@ def prepare(path: str | os.PathLike[str], keep: Keep) -> None:
     path = Path(path)
     if not path.exists():
         return
-    lines = list(scan(path))
-    kept = [line for line in lines if line.data is not None and keep(line.data)]
-    prefix = len(kept) == sum(1 for _ in _clean_prefix(lines, kept))
-    if prefix:
-        cut = kept[-1].end if kept else 0
-        if cut != path.stat().st_size:
-            os.truncate(path, cut)
-        return
-    write_atomically(path, (json.dumps(line.data, allow_nan=False) + "\n" for line in kept))
+    cut, rewrite = _plan(path, keep)
+    if rewrite:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CorruptLineWarning)  # the first pass reported them
+            write_atomically(path, _kept_lines(path, keep))
+    elif cut != path.stat().st_size:
+        os.truncate(path, cut)
 
 
-def _clean_prefix(lines: list[Line], kept: list[Line]) -> Iterator[Line]:
-    for line, mine in zip(lines, kept, strict=False):
-        if line is not mine or not line.clean:
-            return
-        yield line
+def _plan(path: Path, keep: Keep) -> tuple[int, bool]:
+    """Where the file's leading run of clean kept lines ends, and whether kept records lie beyond it."""
+    cut, in_prefix, rewrite = 0, True, False
+    for line in scan(path):
+        kept = line.data is not None and keep(line.data)
+        if kept and line.clean and in_prefix:
+            cut = line.end
+        elif kept:
+            rewrite = True
+        else:
+            in_prefix = False
+    return cut, rewrite
+
+
+def _kept_lines(path: Path, keep: Keep) -> Iterator[str]:
+    for line in scan(path):
+        if line.data is not None and keep(line.data):
+            yield line.raw.decode("utf-8", errors="replace") if line.clean else json.dumps(line.data) + "\n"
 
 
 def write_atomically(path: str | os.PathLike[str], lines: Iterable[str]) -> None:
