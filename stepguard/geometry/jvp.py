@@ -2,7 +2,10 @@
 
 The function differentiated is the *training* function: the same inputs, the same random
 numbers (dropout masks) and, in train mode, batch statistics for normalization layers,
-whose running buffers are left untouched by the replay.
+whose running buffers are left untouched by the replay. The forward-mode replay runs under
+:func:`~stepguard.geometry.forward_rules.forward_rules`, which gives fused attention kernels
+and grouped matmuls a forward-mode rule; the finite difference is the last resort, for an op
+nothing covers.
 """
 
 from __future__ import annotations
@@ -19,6 +22,13 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from torch.func import jvp, vmap
 
+from stepguard.geometry.attention import DEFAULT_CHUNK_SIZE
+from stepguard.geometry.forward_rules import (
+    ForwardADUnsupportedError,
+    describe_gap,
+    forward_rules,
+    warn_fallback,
+)
 from stepguard.geometry.logits import LogitsFn, extract_logits
 from stepguard.geometry.swap import call_with
 
@@ -35,6 +45,7 @@ _FORWARD_AD_HINTS = (
     "functorch",
     "setup_context",
     "not implemented",
+    "does not support it",
 )
 
 
@@ -203,6 +214,7 @@ def logit_velocities(
     mode: Mode = "train",
     estimator: EstimatorChoice = "auto",
     fd_epsilon: float | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[Tensor, Tensor, str]:
     """Logits z(θ) and their derivatives along each tangent, on the replayed batch.
 
@@ -218,10 +230,15 @@ def logit_velocities(
             difference), or ``"auto"`` (JVP, falling back to the difference when an op has
             no forward-mode rule).
         fd_epsilon: step of the central difference (default: cube root of the dtype's eps).
+        chunk_size: keys per block of the attention tangent (memory O(T·chunk) per head).
 
     Returns:
         ``(logits, velocities, estimator_used)``; velocities have shape (D, *logits.shape)
         for D tangents.
+
+    Raises:
+        ForwardADUnsupportedError: ``estimator="jvp"`` and an op of the model has no
+            forward-mode rule (the error names the op and the module that called it).
     """
     if not tangents:
         raise ValueError("logit_velocities needs at least one tangent")
@@ -235,17 +252,15 @@ def logit_velocities(
 
     if estimator in ("auto", "jvp"):
         try:
-            with replay_context(model, batch, mode):
+            with replay_context(model, batch, mode), forward_rules(chunk_size):
                 return (*_forward_mode(logits_at, primals, stacked, batch), "jvp")
         except Exception as exc:
-            if estimator == "jvp" or not _looks_like_forward_ad_gap(exc):
+            if not _looks_like_forward_ad_gap(exc):
                 raise
-            logger.warning(
-                "forward-mode AD is not supported by this model (%s: %s); using a central "
-                "finite difference for the logit velocities",
-                type(exc).__name__,
-                str(exc).splitlines()[0][:200] if str(exc) else "",
-            )
+            gap = describe_gap(exc, model)
+            if estimator == "jvp":
+                raise ForwardADUnsupportedError(gap) from exc
+            warn_fallback(gap)
     with replay_context(model, batch, mode):
         z, a = _finite_difference(logits_at, primals, stacked, batch, fd_epsilon)
     return z, a, "finite_difference"
