@@ -114,10 +114,6 @@ PAGES_WITH_CODE = ("README.md", *sorted(f"docs/{p.name}" for p in DOCS.glob("*.m
 SKIP = re.compile(r"<!--\s*doc-test:\s*skip\s*\((.+?)\)\s*-->\s*$")
 FENCE = re.compile(r"^([ \t]*)```(\w+)\n(.*?)^\1```", re.S | re.M)
 NUMBER = r"-?\d+(?:\.\d+)?(?:e-?\d+)?"
-# Pages owned elsewhere whose examples do not run yet: page -> what is missing.
-KNOWN_BROKEN: dict[str, str] = {
-    "docs/integrations.md": "blocks 0, 1, 3 and 4 use names the page never defines (loader, module, args)",
-}
 
 
 def _blocks(page: str) -> list[tuple[str, str, str | None]]:
@@ -171,11 +167,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "page",
-    [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=KNOWN_BROKEN[p])) if p in KNOWN_BROKEN
-     else p for p in PAGES_WITH_CODE],
-)
+@pytest.mark.parametrize("page", PAGES_WITH_CODE)
 def test_code_blocks_on_the_pages_run_as_written(
     page: str, workdir: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
