@@ -124,6 +124,7 @@ def test_logged_windows_carry_r_max_and_the_clip_count_of_every_step(tmp_path) -
         assert entry["stepguard/clipped"] == sum(r.action == "clip" for r in window)
 
 
+@pytest.mark.slow  # two Trainer runs and their checkpoints
 def test_resume_from_a_checkpoint_continues_the_guards_steps_and_counters(tmp_path) -> None:
     first = StepGuardCallback(policy="clip")
     make_trainer(tmp_path, first, max_steps=4, save_strategy="steps", save_steps=2).train()
@@ -137,6 +138,7 @@ def test_resume_from_a_checkpoint_continues_the_guards_steps_and_counters(tmp_pa
     assert resumed.handle.counters["clip"] == 4
 
 
+@pytest.mark.slow  # two Trainer runs and their checkpoints
 def test_resume_from_a_checkpoint_without_guard_state_takes_the_global_step(tmp_path, caplog) -> None:
     make_trainer(tmp_path, StepGuardCallback(), max_steps=4, save_strategy="steps", save_steps=2).train()
     checkpoint = tmp_path / "checkpoint-2"
