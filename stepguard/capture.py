@@ -44,32 +44,51 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 class ForwardCapture:
-    """Keeps the inputs and RNG state of the model's most recent training forward.
+    """Keeps the inputs and RNG state of the model's training forwards since the last step.
 
     A forward counts as training when the model is in train mode and autograd is on, so
     evaluation passes under ``torch.no_grad()`` or ``model.eval()`` are ignored, and so
-    are StepGuard's own replays. Inputs are kept by reference, not copied.
+    are StepGuard's own replays. With gradient accumulation every micro-batch's forward
+    is kept (its inputs by reference, not copied: no activation is kept alive), so the
+    step is measured on all the rows its update came from.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.batch: Batch | None = None
+        self.batches: list[Batch] = []
         self.fresh = False
         self.forwards = 0
         self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
 
+    @property
+    def batch(self) -> Batch | None:
+        """The most recent training forward (None before the first)."""
+        return self.batches[-1] if self.batches else None
+
     def _hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if is_replaying() or not torch.is_grad_enabled() or not module.training:
             return
-        self.batch = Batch.capture(module, args, kwargs)
+        batch = Batch.capture(module, args, kwargs)
+        if self.fresh:
+            self.batches.append(batch)
+        else:  # the first forward after a step starts that step's list
+            self.batches = [batch]
         self.fresh = True
         self.forwards += 1
 
-    def take(self) -> tuple[Batch | None, bool]:
-        """The latest batch and whether it was captured since the last ``take``."""
-        fresh, self.fresh = self.fresh, False
-        return self.batch, fresh
+    def take(self) -> tuple[list[Batch], bool]:
+        """The forwards since the last step ended (else the last step's), and whether they are new."""
+        return list(self.batches), self.fresh
+
+    def step_ended(self) -> None:
+        """The optimizer stepped: the next training forward starts the next step's list."""
+        self.fresh = False
+
+    def clear(self) -> None:
+        """Forget every captured forward."""
+        self.batches = []
+        self.fresh = False
 
     def remove(self) -> None:
         self._handle.remove()
-        self.batch = None
+        self.clear()

@@ -115,6 +115,8 @@ class GuardEngine:
         self._consecutive_vetoes = 0
         self._timer = PhaseTimer()
         self._t_start = 0.0
+        self._t_optimizer = 0.0
+        self._closure = False
         self._in_step = False
         self._probe: EntanglementProbe | None = None
         self._distributed = self.config.distributed == "auto" and is_distributed()
@@ -182,6 +184,7 @@ class GuardEngine:
                 self._state_backup.take(params)
             else:
                 self._state_backup.drop()
+        self._closure = closure
         self._in_step = True
         self._t_optimizer = time.perf_counter()
 
@@ -190,6 +193,7 @@ class GuardEngine:
         if self._in_step:
             self._in_step = False
             self._rollback()
+            self.measured.step_ended()
 
     def after_step(self, loss: Any = None) -> StepReport:
         """Measure the proposed update, let the policy decide, commit, and report.
@@ -212,6 +216,8 @@ class GuardEngine:
         except BaseException:
             self._rollback()
             raise
+        finally:
+            self.measured.step_ended()
         report = self._record(proposal.report, decision)
         self.sinks.write(report)
         self.trigger.account(
@@ -255,7 +261,8 @@ class GuardEngine:
         if not measure:
             return "estimate", tensors, {}
         used, scalars, vectors = self.measured.measure(
-            self._snapshot, update, tau, observed, step=self.step_count, estimator=self._estimator,
+            self._snapshot, update, tau, observed, step=self.step_count, closure=self._closure,
+            estimator=self._estimator,
             summarize_on_host=not self._distributed, timings=self._timer.seconds,
         )
         if self._estimator == "auto" and used == "finite_difference":

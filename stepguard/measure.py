@@ -11,7 +11,8 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ from stepguard.config import GuardConfig
 from stepguard.geometry.formulas import PI
 from stepguard.geometry.jvp import Batch, EstimatorChoice, logit_velocities
 from stepguard.geometry.logits import LogitsFn, mask_rows
-from stepguard.report import Estimator, Source, SpreadSummary, StepReport
+from stepguard.report import Estimator, Source, SpreadSummary, StepReport, row_summaries
 
 QUANTILES = (0.99, 0.9, 0.5)
 
@@ -43,12 +44,21 @@ def global_norm(tensors: list[Tensor]) -> Tensor:
     return torch.linalg.vector_norm(torch.stack([n.to(wide) for n in norms]), 2)
 
 
+@dataclass(frozen=True)
+class Part:
+    """One forward whose rows count in a step: its batch, and its targets and mask (or None)."""
+
+    batch: Batch
+    targets: Tensor | None = None
+    mask: Tensor | None = None
+
+
 def measure_update(
     model: nn.Module,
     theta0: Mapping[str, Tensor],
     update: Mapping[str, Tensor],
     tau: Tensor,
-    batch: Batch,
+    batch: Batch | Sequence[Part],
     *,
     config: GuardConfig,
     targets: Tensor | None = None,
@@ -57,52 +67,129 @@ def measure_update(
     estimator: EstimatorChoice | None = None,
     summarize_on_host: bool = True,
     timings: dict[str, float] | None = None,
+    before_part: Callable[[Part], None] | None = None,
 ) -> tuple[str, dict[str, Tensor], dict[str, Tensor]]:
-    """Logit velocities at θ₀ along Δθ/τ on ``batch``, and every number derived from them.
+    """Logit velocities at θ₀ along Δθ/τ on the step's batches, and every number derived from them.
+
+    With gradient accumulation a step's update comes from several forwards (micro-batches);
+    its loss is their sum, so Δ_a is the max over the rows of all of them, and every other
+    statistic runs over their union. Each micro-batch is replayed in turn and reduced to
+    its per-row columns (a few numbers per row) before the next: the logits and their
+    tangent of one micro-batch at a time are alive, never all of them.
 
     Args:
         model: the (unwrapped) module.
         theta0: the trainable parameters at the start of the step, by name.
         update: Δθ by the same names (zeros for parameters the step does not move).
         tau: τ = ‖Δθ‖ over every parameter the optimizer moves (0-d tensor).
-        batch: the forward to replay.
+        batch: the forward to replay, or several :class:`Part` (each with its own targets
+            and mask; ``targets``/``mask`` are then ignored).
         config: mode, estimator, temperature, ignore_index, binding_k, max_spread_values.
-        targets, mask: rows that count (and top-2 targets).
+        targets, mask: rows that count (and top-2 targets) of a single batch.
         logits_fn: picks the logits from the output.
         estimator: overrides ``config.estimator``.
         summarize_on_host: see :func:`step_geometry`.
         timings: when given, receives the seconds spent in the ``"jvp"`` (logit
-            velocities) and in the ``"statistics"`` (:func:`step_geometry`), host time.
+            velocities) and in the ``"statistics"`` (the per-row columns and their
+            summaries), host time.
+        before_part: called with each part before it is replayed (e.g. to hand a loss
+            head that part's targets).
 
     Returns:
-        ``(estimator_used, scalars, vectors)`` of tensors on the device.
+        ``(estimator_used, scalars, vectors)`` of tensors on the device; the estimator is
+        ``"finite_difference"`` when any micro-batch needed it.
     """
+    parts = [Part(batch, targets, mask)] if isinstance(batch, Batch) else list(batch)
+    if not parts:
+        raise ValueError("measure_update needs at least one batch")
     scale = torch.where(tau > 0, 1.0 / tau, torch.zeros_like(tau))
     names = list(update)
     scaled = torch._foreach_mul([update[n] for n in names], scale.to(update[names[0]].dtype))
     tangent = dict(zip(names, scaled, strict=True))
+    jvp_seconds = statistics_seconds = 0.0
+    columns: list[RowColumns | None] = []
+    used = "jvp"
+    for part in parts:
+        if before_part is not None:
+            before_part(part)
+        started = time.perf_counter()
+        z, velocities, part_used = logit_velocities(
+            model,
+            dict(theta0),
+            [tangent],
+            part.batch,
+            logits_fn=logits_fn,
+            mode=config.mode,
+            estimator=estimator or config.estimator,
+            fd_epsilon=config.fd_epsilon,
+        )
+        if part_used != "jvp":
+            used = part_used
+        jvp_done = time.perf_counter()
+        columns.append(batch_columns(z, velocities[0], targets=part.targets, mask=part.mask, config=config))
+        del z, velocities
+        jvp_seconds += jvp_done - started
+        statistics_seconds += time.perf_counter() - jvp_done
     started = time.perf_counter()
-    z, velocities, used = logit_velocities(
-        model,
-        dict(theta0),
-        [tangent],
-        batch,
-        logits_fn=logits_fn,
-        mode=config.mode,
-        estimator=estimator or config.estimator,
-        fd_epsilon=config.fd_epsilon,
-    )
-    jvp_done = time.perf_counter()
-    scalars, vectors = step_geometry(
-        z, velocities[0], targets=targets, mask=mask, config=config, summarize_on_host=summarize_on_host
-    )
+    scalars, vectors = summarize_columns(columns, config=config, summarize_on_host=summarize_on_host)
     if timings is not None:
-        timings["jvp"] = jvp_done - started
-        timings["statistics"] = time.perf_counter() - jvp_done
+        timings["jvp"] = jvp_seconds
+        timings["statistics"] = statistics_seconds + time.perf_counter() - started
     return used, scalars, vectors
 
 
+ROW_CHUNK_ELEMENTS = 1 << 22
+"""Per-row statistics run over chunks of rows of at most this many logits (16 MiB in float32)."""
+
+
+@dataclass(frozen=True)
+class RowColumns:
+    """The per-row columns of one batch (:func:`row_columns`), which rows count, and whether K ≤ 2."""
+
+    columns: dict[str, Tensor]
+    keep: Tensor | None
+    binary: bool
+
+    @property
+    def rows(self) -> int:
+        return next(iter(self.columns.values())).shape[0]
+
+
 @torch.inference_mode()
+def batch_columns(
+    logits: Tensor,
+    velocity: Tensor,
+    *,
+    targets: Tensor | None,
+    mask: Tensor | None,
+    config: GuardConfig,
+    chunk_elements: int = ROW_CHUNK_ELEMENTS,
+) -> RowColumns | None:
+    """The per-row columns of one batch, computed over chunks of rows (``None`` without rows).
+
+    :func:`row_columns` makes a few temporaries the size of its input; over chunks of at
+    most ``chunk_elements`` logits each, the largest temporary stays at that size whatever
+    the vocabulary and the number of tokens, beside the logits and their tangent.
+    """
+    z, a, y, keep = mask_rows(logits, velocity, mask=mask, targets=targets, ignore_index=config.ignore_index)
+    if config.temperature != 1.0:
+        z, a = z / config.temperature, a / config.temperature
+    rows, k = z.shape
+    if rows == 0:
+        return None
+    per = max(1, chunk_elements // k)
+    if rows <= per:
+        columns = row_columns(z, a, y, diagnostics=config.diagnostics)
+    else:
+        chunks = [
+            row_columns(z[i : i + per], a[i : i + per], None if y is None else y[i : i + per],
+                        diagnostics=config.diagnostics)
+            for i in range(0, rows, per)
+        ]
+        columns = {name: torch.cat([c[name] for c in chunks]) for name in chunks[0]}
+    return RowColumns(columns, keep, binary=k <= 2)
+
+
 def step_geometry(
     logits: Tensor,
     velocity: Tensor,
@@ -114,32 +201,54 @@ def step_geometry(
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Δ_a, spread quantiles, top-2 and binary radii, binding rows, softmax collapse and NLM.
 
+    :func:`batch_columns` then :func:`summarize_columns` on one batch.
+    """
+    columns = batch_columns(logits, velocity, targets=targets, mask=mask, config=config)
+    return summarize_columns([columns], config=config, summarize_on_host=summarize_on_host)
+
+
+@torch.inference_mode()
+def summarize_columns(
+    parts: Sequence[RowColumns | None], *, config: GuardConfig, summarize_on_host: bool = True
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The batch summaries of the per-row columns of one or more batches, as device tensors.
+
     Everything stays on the device as tensors; see :func:`sync_to_host`. When there are at
     most ``config.max_spread_values`` rows and ``summarize_on_host`` is set, the per-row
-    columns of :func:`row_columns` travel to the host whole (one ``(F, M)`` tensor
-    ``rows``, its column names in ``row_names`` and ``binary`` as plain Python values) and
-    :func:`build_report` reduces them there: on small batches the dozen reductions cost
-    more as device ops than the transfer. The numbers agree with the device path to
-    rounding (tested). Cross-rank reduction needs the summaries as tensors, so the guard
-    turns this off under ``torch.distributed``.
+    columns travel to the host whole (one ``(F, M)`` tensor ``rows``, its column names in
+    ``row_names`` and ``binary`` as plain Python values) and :func:`build_report` reduces
+    them there: on small batches the dozen reductions cost more as device ops than the
+    transfer. The numbers agree with the device path to rounding (tested). Cross-rank
+    reduction needs the summaries as tensors, so the guard turns this off under
+    ``torch.distributed``.
 
     Rows that do not count (mask, ``ignore_index``) are masked, not dropped, so nothing
-    here waits for the device. The per-row quantities are checked in the tests against
-    the reference definitions (:func:`~stepguard.geometry.formulas.top2_radius`,
+    here waits for the device. Several batches (micro-batches of one step) are summarized
+    as the union of their rows; ``binding`` then indexes their concatenation. The per-row
+    quantities are checked in the tests against the reference definitions
+    (:func:`~stepguard.geometry.formulas.top2_radius`,
     :func:`~stepguard.diagnostics.softmax_collapse_stats`,
     :func:`~stepguard.diagnostics.nlm_cosine`). It runs in inference mode (no autograd
     bookkeeping per op, about 15 % less dispatch); its outputs are only ever read.
     """
-    z, a, y, keep = mask_rows(logits, velocity, mask=mask, targets=targets, ignore_index=config.ignore_index)
-    if config.temperature != 1.0:
-        z, a = z / config.temperature, a / config.temperature
-    device = a.device
-    rows = z.shape[0]
-    if rows == 0:
-        zero = torch.zeros((), dtype=torch.float64, device=device)
+    present = [p for p in parts if p is not None]
+    if not present:
+        zero = torch.zeros((), dtype=torch.float64)
         return {"delta_a": zero, "count": zero}, {}
-    columns = row_columns(z, a, y, diagnostics=config.diagnostics)
-    binary = z.shape[-1] <= 2
+    if len(present) == 1:
+        columns, keep = present[0].columns, present[0].keep
+    else:
+        columns = {name: torch.cat([p.columns[name] for p in present]) for name in present[0].columns}
+        if all(p.keep is None for p in present):
+            keep = None
+        else:
+            keep = torch.cat([
+                p.keep if p.keep is not None
+                else torch.ones(p.rows, dtype=torch.bool, device=p.columns["spread"].device)
+                for p in present
+            ])
+    binary = present[0].binary
+    rows = columns["spread"].shape[0]
     if summarize_on_host and rows <= config.max_spread_values:
         names = tuple(columns)
         stacked = [columns[n] for n in names]
@@ -442,10 +551,8 @@ def _summarize_rows(values: Mapping[str, Any], binding_k: int) -> dict[str, Any]
 
 
 #: What a step with no counted row does not report (it keeps ``count`` = 0 and Δ_a = 0).
-_ROW_SUMMARIES = frozenset(
-    {"spread_mean", "spread_min", "spread_q", "rho_top2", "rho_binary", "binding", "values",
-     "sc_fraction", "sc_zero_loss_fraction", "max_logit_gap", "logz_mean", "logz_sq_mean", "nlm_cosine"}
-)
+#: Declared with the report fields (``row_summary=True`` in :mod:`stepguard.report`).
+_ROW_SUMMARIES = row_summaries()
 
 
 def _estimated_report(

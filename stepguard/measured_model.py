@@ -10,6 +10,7 @@ along Δθ/τ (:func:`~stepguard.measure.measure_update`).
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,7 +22,7 @@ from stepguard.config import GuardConfig
 from stepguard.errors import NoBatchError
 from stepguard.geometry.jvp import Batch
 from stepguard.geometry.logits import LogitsFn
-from stepguard.measure import measure_update
+from stepguard.measure import Part, measure_update
 from stepguard.output_check import OutputCheck
 from stepguard.snapshot import ParameterSnapshot, Update
 
@@ -93,6 +94,7 @@ class MeasuredModel:
         self._params_key: tuple[tuple[int, bool], ...] | None = None
         self._foreign: list[tuple[str, Tensor]] = []
         self._layout: Layout = []
+        self._warned_single_rows = False
 
     @property
     def module(self) -> nn.Module | None:
@@ -115,7 +117,7 @@ class MeasuredModel:
                 "StepGuard has no model to measure: pass StepGuard(optimizer, model=net) "
                 "(or attach(optimizer, net))"
             )
-        if not (inputs_given or closure) and (self.capture is None or self.capture.batch is None):
+        if not (inputs_given or closure) and (self.capture is None or not self.capture.batches):
             raise NoBatchError(_NO_BATCH)
         key = tuple((id(p), p.requires_grad) for p in params)
         if key != self._params_key:
@@ -137,19 +139,13 @@ class MeasuredModel:
         observed: Mapping[str, Any],
         *,
         step: int,
+        closure: bool,
         estimator: str,
         summarize_on_host: bool,
         timings: dict[str, float],
     ) -> tuple[str, dict[str, Tensor], dict[str, Tensor]]:
-        """The logit velocities at θ₀ along Δθ/τ on the step's batch, and their statistics."""
-        batch = self._batch(observed, step)
-        if self.rows_fn is not None and "targets" not in observed and "mask" not in observed:
-            rows = self.rows_fn(batch.args, batch.kwargs)
-            observed = {**observed, **{k: v for k, v in rows.items() if v is not None}}
-        logits_fn = self.logits_fn
-        if self.head is not None:
-            self.head.targets = observed.get("targets")
-            logits_fn = None
+        """The logit velocities at θ₀ along Δθ/τ on the step's batches, and their statistics."""
+        parts = self._parts(observed, step, closure)
         theta0 = snapshot.theta0
         delta = update.views() if update is not None else []
         primals: dict[str, Tensor] = {}
@@ -159,20 +155,25 @@ class MeasuredModel:
             # makes forward-mode AD give the whole buffer a tangent, once per parameter.
             primals[name] = p.detach() if i is None else theta0[i].clone()
             tangent[name] = torch.zeros_like(p) if i is None else delta[i]
+        head = self.head
         return measure_update(
             self.module,
             primals,
             tangent,
             tau,
-            batch,
+            parts,
             config=self.config,
-            targets=observed.get("targets"),
-            mask=observed.get("mask"),
-            logits_fn=logits_fn,
+            logits_fn=self.logits_fn if head is None else None,
             estimator=estimator,
             summarize_on_host=summarize_on_host,
             timings=timings,
+            before_part=None if head is None else lambda part: setattr(head, "targets", part.targets),
         )
+
+    def step_ended(self) -> None:
+        """The step is over (committed or rolled back): forwards from now on belong to the next."""
+        if self.capture is not None:
+            self.capture.step_ended()
 
     def after_step(self) -> None:
         """Give the verdict of the one-time output check once its gradient was seen."""
@@ -185,19 +186,54 @@ class MeasuredModel:
         if self.output_check is not None:
             self.output_check.close()
 
-    def _batch(self, observed: Mapping[str, Any], step: int) -> Batch:
+    def _parts(self, observed: Mapping[str, Any], step: int, closure: bool) -> list[Part]:
+        """The step's forwards (every micro-batch since the last step), each with the rows that count."""
         if "inputs" in observed:
-            return Batch.from_inputs(observed["inputs"], training=self.model.training)
-        batch, fresh = self.capture.take()
-        if batch is None:
-            raise NoBatchError(_NO_BATCH)
-        if not fresh and step > 0:
-            logger.warning(
-                "StepGuard is measuring step %d on the batch of an earlier step: the model "
-                "ran no training forward since the last step",
-                step,
+            batches = [Batch.from_inputs(observed["inputs"], training=self.model.training)]
+        else:
+            batches, fresh = self.capture.take()
+            if not batches:
+                raise NoBatchError(_NO_BATCH)
+            if not fresh and step > 0:
+                logger.warning(
+                    "StepGuard is measuring step %d on the batch of an earlier step: the model "
+                    "ran no training forward since the last step",
+                    step,
+                )
+            if closure:  # a closure re-evaluates one batch, possibly several times
+                batches = batches[-1:]
+        targets = self._per_batch(observed.get("targets"), "targets", len(batches))
+        masks = self._per_batch(observed.get("mask"), "mask", len(batches))
+        parts = []
+        for batch, target, mask in zip(batches, targets, masks, strict=True):
+            if self.rows_fn is not None and target is None and mask is None:
+                rows = self.rows_fn(batch.args, batch.kwargs)
+                target, mask = rows.get("targets"), rows.get("mask")
+            parts.append(Part(batch, target, mask))
+        return parts
+
+    def _per_batch(self, value: Any, name: str, batches: int) -> list[Any]:
+        """``targets`` / ``mask`` per micro-batch: one tensor for one batch, or one entry per batch."""
+        if isinstance(value, (list, tuple)):
+            if len(value) != batches:
+                raise ValueError(
+                    f"{name} has {len(value)} entries but the step had {batches} training forwards "
+                    f"(micro-batches): pass one {name} tensor per forward, in order"
+                )
+            return list(value)
+        if value is None or batches == 1:
+            return [*([None] * (batches - 1)), value]
+        if not self._warned_single_rows:
+            self._warned_single_rows = True
+            warnings.warn(
+                f"StepGuard: one {name} tensor for a step with {batches} training forwards "
+                f"(gradient accumulation): it is applied to the last forward only. Pass a list "
+                f"with one {name} tensor per forward (or rows_fn=...), so that every "
+                "micro-batch's rows are counted as its loss counts them.",
+                UserWarning,
+                stacklevel=6,
             )
-        return batch
+        return [*([None] * (batches - 1)), value]
 
 
 _NO_BATCH = (

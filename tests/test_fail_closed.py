@@ -71,7 +71,7 @@ def test_no_batch_is_refused_before_the_inner_step(policy: str) -> None:
     guard.zero_grad()
     F.cross_entropy(net(x), y).backward()
     net.train()
-    guard.engine.measured.capture.batch = None
+    guard.engine.measured.capture.clear()
     with pytest.raises(NoBatchError, match="no training batch"):
         guard.step()
     assert_params(net, theta)
