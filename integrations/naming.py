@@ -5,14 +5,17 @@ Every key of :meth:`stepguard.report.StepReport.scalars` has a TensorBoard tag
 nested mappings of a report (``spread``, ``entanglement``, ``extras``, ``timings``) become
 one Prometheus metric each, with the key as a label, so a run adds series, not metric
 names.
+
+The names and help texts of the report's metrics are declared with the report fields
+(:data:`stepguard.report.FIELDS`); this module arranges them for the exporters and adds
+the metrics derived from the stream of reports.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-TAG_PREFIX = "stepguard/"
-"""Prefix of every TensorBoard tag StepGuard writes."""
+from stepguard.report import FIELDS, TAG_PREFIX, FieldInfo
 
 
 @dataclass(frozen=True)
@@ -30,90 +33,32 @@ class Metric:
     label: str | None = None
 
 
+def _metric(info: FieldInfo) -> Metric:
+    assert info.prometheus is not None and info.help is not None
+    return Metric(info.prometheus, info.help, info.label)
+
+
 GAUGES: dict[str, Metric] = {
-    "step": Metric("stepguard_step", "Index of the last reported optimizer step."),
-    "tau": Metric("stepguard_step_length", "Step length tau = ||dtheta||_2 of the proposed update."),
-    "rho_a": Metric(
-        "stepguard_radius",
-        "Safe-step radius rho_a = pi / delta_a along the update direction (+Inf when delta_a = 0).",
-    ),
-    "r": Metric(
-        "stepguard_normalized_step",
-        "Normalized step r = tau / rho_a of the last step; r >= 1 leaves the softmax's radius.",
-    ),
-    "delta_a": Metric(
-        "stepguard_logit_spread",
-        "Batch logit spread delta_a = max over samples of max_k a_nk - min_k a_nk.",
-    ),
-    "scale": Metric(
-        "stepguard_step_scale", "Fraction of the proposed update that was applied (0 to 1)."
-    ),
-    "applied_tau": Metric(
-        "stepguard_applied_step_length", "Length of the update that was applied (scale * tau)."
-    ),
-    "measured": Metric(
-        "stepguard_step_measured",
-        "1 when the last step was freshly measured, 0 when r was estimated.",
-    ),
-    "rho_binary": Metric(
-        "stepguard_binary_radius", "Exact radius rho* for one- and two-logit heads."
-    ),
-    "rho_top2": Metric(
-        "stepguard_top2_radius", "Smallest per-sample top-2 radius over the measured batch."
-    ),
-    "loss": Metric("stepguard_loss", "Training loss of the last step."),
-    "lr": Metric("stepguard_learning_rate", "Learning rate of the last step."),
-    "grad_norm": Metric("stepguard_grad_norm", "Gradient 2-norm of the last step."),
-    "update_param_cosine": Metric(
-        "stepguard_update_param_cosine", "Cosine between the update and the parameters."
-    ),
-    "sc_fraction": Metric(
-        "stepguard_softmax_collapse_ratio",
-        "Fraction of samples whose softmax is exactly one-hot in the training dtype.",
-    ),
-    "sc_zero_loss_fraction": Metric(
-        "stepguard_softmax_collapse_zero_loss_ratio",
-        "Fraction of samples whose loss is exactly zero in the training dtype.",
-    ),
-    "max_logit_gap": Metric(
-        "stepguard_max_logit_gap", "Largest gap between the top logit and the runner-up."
-    ),
-    "logz_mean": Metric("stepguard_log_partition_mean", "Mean log-partition log sum_k exp z_k."),
-    "logz_sq_mean": Metric(
-        "stepguard_log_partition_squared_mean", "Mean squared log-partition."
-    ),
-    "nlm_cosine": Metric(
-        "stepguard_naive_loss_minimization_cosine",
-        "Mean cosine between the logit change and the logits (naive loss minimization).",
-    ),
+    key: _metric(info)
+    for key, info in FIELDS.items()
+    if info.prometheus is not None and info.label is None and "." not in key
 }
 """Scalar report fields exported as one gauge each (the value of the last report)."""
 
-SPREAD = Metric(
-    "stepguard_sample_logit_spread",
-    "Distribution of the per-sample logit spreads of the last measured batch.",
-    label="stat",
-)
+SPREAD = _metric(FIELDS["spread.max"])
 """``spread.<stat>`` for ``stat`` in max, q99, q90, median, mean, min."""
 
-SPREAD_COUNT = Metric(
-    "stepguard_measured_samples", "Number of samples (or tokens) in the last measured batch."
-)
+SPREAD_COUNT = _metric(FIELDS["spread.count"])
 """``spread.count``."""
 
-NESTED: dict[str, Metric] = {
-    "entanglement": Metric(
-        "stepguard_entanglement",
-        "Gradient entanglement entries (Gram matrix entries and cosines of the objectives).",
-        label="entry",
-    ),
-    "extras": Metric("stepguard_extra", "Additional numbers reported by losses and policies.",
-                     label="name"),
-    "timings": Metric(
-        "stepguard_phase_duration_seconds", "Wall time of each phase of the last step.",
-        label="phase",
-    ),
+_SPREAD_GAUGES: dict[str, Metric] = {
+    key: _metric(info)
+    for key, info in FIELDS.items()
+    if key.startswith("spread.") and info.prometheus is not None and info.label is None
 }
+"""Spread statistics exported as a gauge of their own (``spread.count``)."""
+
+NESTED: dict[str, Metric] = {key: _metric(info) for key, info in FIELDS.items() if info.nested}
 """Nested report mappings: ``<field>.<key>`` becomes ``metric{label="<key>"}``."""
 
 # Metrics derived from the stream of reports rather than from one report.
@@ -168,9 +113,10 @@ def prometheus_series(key: str) -> tuple[str, dict[str, str]] | None:
         return GAUGES[key].name, {}
     head, _, rest = key.partition(".")
     if head == "spread" and rest:
-        if rest == "count":
-            return SPREAD_COUNT.name, {}
-        return SPREAD.name, {"stat": rest}
+        if key in _SPREAD_GAUGES:
+            return _SPREAD_GAUGES[key].name, {}
+        assert SPREAD.label is not None
+        return SPREAD.name, {SPREAD.label: rest}
     if head in NESTED and rest:
         metric = NESTED[head]
         assert metric.label is not None

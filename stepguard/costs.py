@@ -12,6 +12,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from stepguard.report import Reduction
+
+REDUCTIONS: dict[str, Reduction] = {"cost_measure": "max", "cost_idle": "max", "cost_period": "max"}
+"""Cross-rank reduction of each tensor of :meth:`CostMeter.tensors`: every rank plans with the
+same costs, the largest (the slowest rank's)."""
+
 PAUSE = 4.0
 """A sample more than this many times its running average is an outlier (a pause, a warm-up)."""
 

@@ -2,17 +2,22 @@
 
 Each rank measures on its own shard; the numbers are then reduced so that every rank sees
 the same Δ_a, ρ_a, r and therefore takes the same decision — a rank that skips while
-another steps would poison the run. The reduction of each field follows its definition:
+another steps would poison the run. Each measured tensor is reduced by the rule declared
+with the report field it carries (``reduce=`` in :mod:`stepguard.report`; see
+:data:`~stepguard.report.Reduction`), or beside the code that produces it when it is not a
+report field (:data:`stepguard.costs.REDUCTIONS`). The rules follow the definitions:
 
 * Δ_a = max over *all* samples → MAX; likewise the largest logit gap, spread quantiles
   (the MAX of per-rank quantiles, an upper bound on the global quantile), τ and the
   gradient norm (equal on every rank under DDP; MAX makes a disagreement conservative).
 * minima (smallest spread, top-2 and binary radii) → MIN.
 * counts → SUM; per-row averages (softmax-collapse fractions, log Z moments, the NLM
-  cosine, the mean spread) → count-weighted means; the loss and everything else → mean.
+  cosine, the mean spread) → count-weighted means; the loss, loss components and
+  entanglement entries → mean.
 
-Two collectives per measured step (one SUM, one MAX that carries the MINs negated), all
-fields packed into one tensor each. A non-finite value on any rank stays non-finite.
+A tensor with no declared reduction is an error, never a silent mean. Two collectives per
+measured step (one SUM, one MAX that carries the MINs negated), all fields packed into one
+tensor each. A non-finite value on any rank stays non-finite.
 """
 
 from __future__ import annotations
@@ -23,19 +28,24 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-_MAX = (
-    "delta_a",
-    "max_logit_gap",
-    "spread_q",
-    "tau",
-    "grad_norm",
-    "cost_measure",
-    "cost_idle",
-    "cost_period",
-)
-_MIN = ("spread_min", "rho_top2", "rho_binary")
-_COUNT = "count"
-_PER_ROW = ("sc_fraction", "sc_zero_loss_fraction", "logz_mean", "logz_sq_mean", "nlm_cosine", "spread_mean")
+from stepguard import costs, report
+from stepguard.report import Reduction
+
+_COUNT = report.FIELDS["spread.count"].wire
+"""The row count: the weight of every ``row_mean`` reduction."""
+
+_NOT_REPORT_FIELDS: Mapping[str, Reduction] = {**costs.REDUCTIONS}
+"""Measured tensors that are no report field, by the module that declares them."""
+
+
+def reduction_of(name: str) -> Reduction:
+    """The declared cross-rank reduction of the measured tensor ``name``.
+
+    Raises:
+        LookupError: none is declared; the message names the tensor and where to declare it.
+    """
+    found = _NOT_REPORT_FIELDS.get(name)
+    return found if found is not None else report.reduction_of(name)
 
 
 def is_distributed(group: object | None = None) -> bool:
@@ -55,10 +65,11 @@ def reduce_across_ranks(values: Mapping[str, Tensor], group: object | None = Non
     Every rank must call this with the same keys in the same order (the guard guarantees
     it: which fields exist depends only on the model and the configuration).
     """
+    names = list(values)
+    kinds = [reduction_of(name) for name in names]  # before any collective: every rank raises alike
     if not is_distributed(group):
         return dict(values)
     world = dist.get_world_size(group)
-    names = list(values)
     device = next(iter(values.values())).device
     flat = {n: values[n].detach().reshape(-1).to(device=device, dtype=torch.float64) for n in names}
     count = flat.get(_COUNT)
@@ -66,17 +77,17 @@ def reduce_across_ranks(values: Mapping[str, Tensor], group: object | None = Non
     max_parts: list[Tensor] = []
     sum_parts: list[Tensor] = []
     layout: list[tuple[str, str, int]] = []
-    for name in names:
+    for name, kind in zip(names, kinds, strict=True):
         v = flat[name]
-        if name in _MAX or name in _MIN:
-            signed = v if name in _MAX else -v
+        if kind in ("max", "min"):
+            signed = v if kind == "max" else -v
             max_parts.append(torch.where(torch.isnan(signed), torch.full_like(signed, -torch.inf), signed))
             sum_parts.append(torch.isnan(v).to(torch.float64))
-            layout.append((name, "max" if name in _MAX else "min", v.numel()))
-        elif name == _COUNT:
+            layout.append((name, kind, v.numel()))
+        elif kind == "sum":
             sum_parts.append(v)
             layout.append((name, "sum", v.numel()))
-        elif name in _PER_ROW and count is not None:
+        elif kind == "row_mean" and count is not None:
             sum_parts.append(v * count)
             layout.append((name, "weighted", v.numel()))
         else:
