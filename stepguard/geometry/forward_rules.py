@@ -121,14 +121,13 @@ def _op_name(func: Any) -> str | None:
 
 
 def _bilinear(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
-    """A grouped matmul's keyword arguments bound to positions (offs, bias, out_dtype)."""
+    """A grouped matmul with its keywords (offs, bias, out_dtype) bound to their positions.
+
+    The op's own argument parser has checked the names before the mode saw the call.
+    """
     a, b, *rest = args
     names = ("offs", "bias", "out_dtype")
-    given = dict(zip(names, rest, strict=False))
-    unknown = set(kwargs) - set(names)
-    if unknown:
-        raise TypeError(f"{_op_name(func) or func}: unexpected keyword arguments {sorted(unknown)}")
-    given.update(kwargs)
+    given = {**dict(zip(names, rest, strict=False)), **kwargs}
     ordered = [given.get(n) for n in names]
     while ordered and ordered[-1] is None:
         ordered.pop()
