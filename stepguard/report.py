@@ -125,12 +125,14 @@ _SPREAD_METRIC = "stepguard_sample_logit_spread"
 _SPREAD_HELP = "Distribution of the per-sample logit spreads of the last measured batch."
 
 
-def _spread_stat(meaning: str, *, wire: str, reduce: Reduction, row_summary: bool = True) -> Any:
-    """A statistic of the per-sample spreads: one label value of the spread metric."""
-    return field(default=0.0, metadata=declare(
+def _spread_stat(
+    meaning: str, *, wire: str, reduce: Reduction, row_summary: bool = True
+) -> Mapping[str, FieldInfo]:
+    """The declaration of a statistic of the per-sample spreads: a label value of one metric."""
+    return declare(
         meaning, "logit / parameter norm", reduce=reduce, wire=wire, prometheus=_SPREAD_METRIC,
         help=_SPREAD_HELP, label="stat", row_summary=row_summary,
-    ))
+    )
 
 
 @dataclass(frozen=True)
@@ -183,12 +185,24 @@ class SpreadSummary:
         wire="count", prometheus="stepguard_measured_samples",
         help="Number of samples (or tokens) in the last measured batch.",
     ))
-    max: float = _spread_stat("Largest spread: Δ_a itself.", wire="delta_a", reduce="max", row_summary=False)
-    q99: float = _spread_stat("99th percentile of the spreads.", wire="spread_q", reduce="max")
-    q90: float = _spread_stat("90th percentile of the spreads.", wire="spread_q", reduce="max")
-    median: float = _spread_stat("Median of the spreads.", wire="spread_q", reduce="max")
-    mean: float = _spread_stat("Mean of the spreads.", wire="spread_mean", reduce="row_mean")
-    min: float = _spread_stat("Smallest spread.", wire="spread_min", reduce="min")
+    max: float = field(default=0.0, metadata=_spread_stat(
+        "Largest spread: Δ_a itself.", wire="delta_a", reduce="max", row_summary=False
+    ))
+    q99: float = field(default=0.0, metadata=_spread_stat(
+        "99th percentile of the spreads.", wire="spread_q", reduce="max"
+    ))
+    q90: float = field(default=0.0, metadata=_spread_stat(
+        "90th percentile of the spreads.", wire="spread_q", reduce="max"
+    ))
+    median: float = field(default=0.0, metadata=_spread_stat(
+        "Median of the spreads.", wire="spread_q", reduce="max"
+    ))
+    mean: float = field(default=0.0, metadata=_spread_stat(
+        "Mean of the spreads.", wire="spread_mean", reduce="row_mean"
+    ))
+    min: float = field(default=0.0, metadata=_spread_stat(
+        "Smallest spread.", wire="spread_min", reduce="min"
+    ))
     values: tuple[float, ...] = field(default=(), metadata=declare(
         "The per-sample spreads (for histograms), when there are few enough.",
         "logit / parameter norm", reduce="none", wire="values", row_summary=True,

@@ -281,3 +281,17 @@ def test_every_tensor_the_guard_sends_to_the_reduction_is_declared(
     assert ("rho_binary" in sent) == (classes == 2)
     for name in sent:
         assert distributed.reduction_of(name) in REDUCTIONS[:-1], name
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"reduce": "median"}, r"reduce='median' is not a reduction; use one of"),
+        ({"reduce": "max", "prometheus": "stepguard_x"}, r"needs both a name and a help text"),
+    ],
+)
+def test_a_malformed_declaration_is_refused(kwargs: dict, match: str) -> None:
+    from stepguard.report import declare
+
+    with pytest.raises(ValueError, match=match):
+        declare("a new number", **kwargs)
