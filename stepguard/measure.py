@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from stepguard.config import GuardConfig
+from stepguard.diagnostics._rows import masked_mean, sorted_quantiles
 from stepguard.geometry.formulas import PI
 from stepguard.geometry.jvp import Batch, EstimatorChoice, logit_velocities
 from stepguard.geometry.logits import LogitsFn, mask_rows
@@ -288,9 +289,9 @@ def _device_summary(
     scalars: dict[str, Tensor] = {
         "delta_a": spread.max() if keep is None else torch.where(keep, spread, 0.0).max(),
         "count": count,
-        "spread_mean": _masked_mean(spread, keep, count),
+        "spread_mean": _neutral_mean(spread, keep, count),
         "spread_min": ordered[0],
-        "spread_q": torch.stack([_quantile(ordered, last, q) for q in QUANTILES]).where(has, 0.0),
+        "spread_q": sorted_quantiles(ordered, QUANTILES, last).where(has, 0.0),
         "rho_top2": kept_top2.min(),
         **_reduce_columns(columns, keep, count),
     }
@@ -305,19 +306,11 @@ def _device_summary(
     return scalars, {"binding": binding.to(torch.float64)}
 
 
-def _quantile(ordered: Tensor, last: Tensor, q: float) -> Tensor:
-    """The q-quantile (linear interpolation) of the first ``last + 1`` sorted values; ``last`` a tensor."""
-    position = last * q
-    low = position.floor()
-    high = torch.minimum(low + 1, last)
-    values = ordered.gather(0, torch.stack([low, high]).long())
-    return torch.lerp(values[0], values[1], (position - low).to(ordered.dtype))
-
-
-def _masked_mean(x: Tensor, keep: Tensor | None, count: Tensor) -> Tensor:
+def _neutral_mean(x: Tensor, keep: Tensor | None, count: Tensor) -> Tensor:
+    """The mean over the kept rows, 0 (not NaN) without rows: neutral in a count-weighted mean."""
     if keep is None:
         return x.mean()
-    return torch.where(keep, x, 0.0).sum() / count.clamp(min=1).to(x.dtype)
+    return masked_mean(x, keep, count).where(count > 0, 0.0)
 
 
 def row_columns(
@@ -409,14 +402,14 @@ def _reduce_columns(
         return out
     assert count is not None
     out = {
-        "sc_fraction": _masked_mean(columns["collapsed"].to(wide), keep, count),
+        "sc_fraction": _neutral_mean(columns["collapsed"].to(wide), keep, count),
         "max_logit_gap": torch.where(keep, columns["gap"], -math.inf).max(),
-        "logz_mean": _masked_mean(log_z, keep, count),
-        "logz_sq_mean": _masked_mean(log_z.square(), keep, count),
-        "nlm_cosine": _masked_mean(columns["nlm"], keep, count),
+        "logz_mean": _neutral_mean(log_z, keep, count),
+        "logz_sq_mean": _neutral_mean(log_z.square(), keep, count),
+        "nlm_cosine": _neutral_mean(columns["nlm"], keep, count),
     }
     if "zero_loss" in columns:
-        out["sc_zero_loss_fraction"] = _masked_mean(columns["zero_loss"].to(wide), keep, count)
+        out["sc_zero_loss_fraction"] = _neutral_mean(columns["zero_loss"].to(wide), keep, count)
     return out
 
 
@@ -439,15 +432,7 @@ def _modulus(margin: Tensor, slope: Tensor) -> Tensor:
 
 def _quantiles(spread: Tensor, *, is_sorted: bool = False) -> Tensor:
     """The QUANTILES of ``spread`` with linear interpolation (as ``torch.quantile``), from one sort."""
-    ordered = spread if is_sorted else spread.sort().values
-    last = ordered.numel() - 1
-    out = []
-    for q in QUANTILES:
-        position = q * last
-        low = int(position)
-        high = min(low + 1, last)
-        out.append(torch.lerp(ordered[low], ordered[high], position - low))
-    return torch.stack(out)
+    return sorted_quantiles(spread if is_sorted else spread.sort().values, QUANTILES)
 
 
 def sync_to_host(scalars: Mapping[str, Tensor], vectors: Mapping[str, Any]) -> dict[str, Any]:
@@ -516,13 +501,7 @@ def _summarize_rows(values: Mapping[str, Any], binding_k: int) -> dict[str, Any]
         return out
     spread, top2 = column["spread"], column["top2"]
     ordered = sorted(spread)
-    last = count - 1
-    quantiles = []
-    for q in QUANTILES:
-        position = q * last
-        low = int(position)
-        high = min(low + 1, last)
-        quantiles.append(ordered[low] + (ordered[high] - ordered[low]) * (position - low))
+    quantiles = sorted_quantiles(torch.tensor(ordered, dtype=torch.float64), QUANTILES).tolist()
     order = heapq.nsmallest(binding_k, range(count), key=top2.__getitem__)  # stable: ties by row
     out.update(
         count=float(count),
