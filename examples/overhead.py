@@ -1,6 +1,6 @@
 """What a StepGuard costs: guarded vs plain Adam step time, the guard's time by phase, and memory.
 
-A thin script over :mod:`stepguard.bench` (the same code and flags as ``stepguard bench``).
+A thin script over :mod:`stepguard.tools.bench` (the same code and flags as ``stepguard bench``).
 In one process it times a plain training step (forward, loss, backward, Adam) against
 the same step under a guard measuring every 1, 4 and 16 steps and in budget mode,
 interleaved in blocks after a warm-up, and reports median ratios with their per-round
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sys
 
-from stepguard.bench import main
+from stepguard.tools.bench import main
 
 if __name__ == "__main__":
     sys.exit(main(prog="overhead.py"))

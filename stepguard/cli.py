@@ -82,7 +82,7 @@ def _serve(sink, seconds: float) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from stepguard.bench import run_from_args
+    from stepguard.tools.bench import run_from_args
 
     return run_from_args(args)
 
@@ -218,8 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
     _add_policy_parser(commands)
 
-    from stepguard.bench import DESCRIPTION as BENCH_DESCRIPTION
-    from stepguard.bench import add_arguments as add_bench_arguments
+    from stepguard.tools.bench import DESCRIPTION as BENCH_DESCRIPTION
+    from stepguard.tools.bench import add_arguments as add_bench_arguments
 
     bench = commands.add_parser(
         "bench",

@@ -80,7 +80,7 @@ def test_a_new_parameter_list_rebinds() -> None:
 
 def test_the_jvp_does_not_give_the_flat_snapshot_a_tangent_per_parameter() -> None:
     from stepguard import GuardConfig, StepGuard
-    from stepguard.bench import _cpu_allocations
+    from stepguard.tools.bench import _cpu_allocations
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(*[torch.nn.Linear(32, 32) for _ in range(24)])  # 48 tensors

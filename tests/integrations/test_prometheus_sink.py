@@ -241,7 +241,7 @@ def test_rank_is_detected_from_the_launcher_environment(
 
 def test_missing_prometheus_client_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "prometheus_client", None)
-    with pytest.raises(ImportError, match=re.escape("pip install 'stepguard[prometheus]'")):
+    with pytest.raises(ImportError, match=re.escape("pip install -e '.[prometheus]'")):
         PrometheusSink(port=0)
 
 

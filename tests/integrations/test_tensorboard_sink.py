@@ -200,7 +200,7 @@ def test_missing_tensorboard_names_the_extra(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
-    with pytest.raises(ImportError, match=re.escape("pip install 'stepguard[tensorboard]'")):
+    with pytest.raises(ImportError, match=re.escape("pip install -e '.[tensorboard]'")):
         TensorBoardSink(tmp_path)
 
 
