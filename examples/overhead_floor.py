@@ -38,9 +38,9 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from stepguard import GuardConfig, StepGuard
+from stepguard.geometry.swap import call_with
 from stepguard.tools.bench import machine_info, summarize, write_json
 from stepguard.tools.bench_models import BUILTIN, builtin_workload
-from stepguard.geometry.swap import call_with
 
 SKETCH = 4096
 
