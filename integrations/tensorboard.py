@@ -87,6 +87,10 @@ class TensorBoardSink:
         rank: this process's global rank (detected from torch.distributed or ``RANK`` when
             ``None``).
 
+    The event file is opened at the first report. When that report's step is above 0 (a
+    guard resumed from its ``state_dict``), events an earlier run wrote at that step or
+    later are purged, so a resumed run shows every step once.
+
     Raises:
         ImportError: when the tensorboard package is not installed.
     """
@@ -119,10 +123,8 @@ class TensorBoardSink:
         self._layout_written = False
         self._closed = False
         self._writer: Any = None
-        if self.active:
-            self._writer = writer_class(
-                log_dir=self.log_dir, flush_secs=flush_secs, max_queue=max_queue
-            )
+        self._writer_class = writer_class
+        self._writer_options = {"flush_secs": flush_secs, "max_queue": max_queue}
 
     def write(self, report: StepReport) -> None:
         """Write one report (a no-op on ranks that do not write)."""
@@ -130,8 +132,14 @@ class TensorBoardSink:
             raise RuntimeError(f"TensorBoardSink({self.log_dir!r}) is closed")
         if not self.active:
             return
-        writer = self._writer
         step = report.step
+        if self._writer is None:
+            # A run resumed at step s > 0 purges the events a crashed run wrote from s on
+            # (TensorBoard's purge_step), so every step is shown once.
+            self._writer = self._writer_class(
+                log_dir=self.log_dir, purge_step=step if step > 0 else None, **self._writer_options
+            )
+        writer = self._writer
         if not self._layout_written:
             writer.add_custom_scalars(custom_scalars_layout())
             self._layout_written = True

@@ -176,6 +176,20 @@ def test_close_flushes_pending_events(tmp_path: Path, report: Any) -> None:
         sink.write(report(3))
 
 
+def test_a_resumed_run_shows_every_step_once(tmp_path: Path, report: Any) -> None:
+    crashed = TensorBoardSink(tmp_path, flush_secs=3600, max_queue=10_000)
+    for i in range(8):  # the run checkpointed at step 5 and crashed after step 7
+        crashed.write(report(i, r=float(i)))
+    crashed.close()
+    resumed = TensorBoardSink(tmp_path, flush_secs=3600, max_queue=10_000)
+    for i in range(5, 10):
+        resumed.write(report(i, r=100.0 + i))
+    resumed.close()
+    events = load(tmp_path).Scalars("stepguard/r")
+    assert [e.step for e in events] == list(range(10))
+    assert [e.value for e in events] == [*map(float, range(5)), *(100.0 + i for i in range(5, 10))]
+
+
 def test_only_rank_zero_writes_by_default(tmp_path: Path, report: Any) -> None:
     quiet = TensorBoardSink(tmp_path / "rank1", rank=1)
     quiet.write(report(0))
@@ -220,7 +234,7 @@ def test_a_full_disk_is_isolated_counted_and_logged_once(
         calls.append(args)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(sink._writer, "add_scalar", disk_full)
+    monkeypatch.setattr(sink._writer_class, "add_scalar", disk_full)  # the writer opens at the first report
     sinks = SinkSet([sink], max_failures=3)
     with caplog.at_level(logging.WARNING, logger="stepguard.sinks"):
         for i in range(5):
