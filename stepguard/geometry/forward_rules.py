@@ -45,6 +45,9 @@ class ForwardRules(TorchFunctionMode):
 
     Args:
         chunk_size: keys per block in the attention tangent (memory O(T·chunk) per head).
+
+    Attributes:
+        fired: how many calls went to a rule.
     """
 
     def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
@@ -52,6 +55,7 @@ class ForwardRules(TorchFunctionMode):
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         self.chunk_size = chunk_size
+        self.fired = 0
         self._mha: Callable[..., Any] | None = None
 
     def __torch_function__(
@@ -59,10 +63,13 @@ class ForwardRules(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
+            self.fired += 1
             return self._attention(*args, **kwargs)
         if func is torch._grouped_mm or _op_name(func) in _GROUPED_MM_OPS:
+            self.fired += 1
             return _bilinear(func, args, kwargs)
         if func is F.multi_head_attention_forward:
+            self.fired += 1
             return self._multi_head_attention(*args, **kwargs)
         return func(*args, **kwargs)
 
@@ -181,13 +188,18 @@ class _Bilinear(torch.autograd.Function):
 
 
 @contextlib.contextmanager
-def forward_rules(chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[ForwardRules]:
-    """The rules of :class:`ForwardRules` and eager execution of compiled code, for one replay."""
+def forward_rules(
+    chunk_size: int = DEFAULT_CHUNK_SIZE, *, route: bool = True
+) -> Iterator[ForwardRules | None]:
+    """Eager execution of compiled code and, with ``route``, the rules of :class:`ForwardRules`.
+
+    Yields the active :class:`ForwardRules`, or None without ``route``.
+    """
     with contextlib.ExitStack() as stack:
         stance = getattr(torch.compiler, "set_stance", None)
         if stance is not None:
             stack.enter_context(stance("force_eager"))
-        yield stack.enter_context(ForwardRules(chunk_size))
+        yield stack.enter_context(ForwardRules(chunk_size)) if route else None
 
 
 # ---------------------------------------------------------------- naming a missing rule

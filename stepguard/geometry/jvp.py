@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -252,8 +254,8 @@ def logit_velocities(
 
     if estimator in ("auto", "jvp"):
         try:
-            with replay_context(model, batch, mode), forward_rules(chunk_size):
-                return (*_forward_mode(logits_at, primals, stacked, batch), "jvp")
+            replay = functools.partial(_forward_mode, logits_at, primals, stacked, batch)
+            return (*_under_rules(model, replay, batch, mode, chunk_size), "jvp")
         except Exception as exc:
             if not _looks_like_forward_ad_gap(exc):
                 raise
@@ -264,6 +266,33 @@ def logit_velocities(
     with replay_context(model, batch, mode):
         z, a = _finite_difference(logits_at, primals, stacked, batch, fd_epsilon)
     return z, a, "finite_difference"
+
+
+_rules_needed: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def _under_rules(
+    model: nn.Module, replay: Callable[[], tuple[Tensor, Tensor]], batch: Batch, mode: Mode, chunk_size: int
+) -> tuple[Tensor, Tensor]:
+    """The forward-mode replay, routed through the forward rules when the model needs them.
+
+    A model's first replay runs under the rules and learns whether any fired (a fused fast
+    path that the routing turned off sends its call to a rule too); models that need none
+    skip the per-op cost of the routing afterwards, and go back to it for good if a later
+    replay meets an op without a forward-mode rule.
+    """
+    if _rules_needed.get(model) is False:
+        try:
+            with replay_context(model, batch, mode), forward_rules(chunk_size, route=False):
+                return replay()
+        except Exception as exc:
+            if not _looks_like_forward_ad_gap(exc):
+                raise
+            _rules_needed[model] = True
+    with replay_context(model, batch, mode), forward_rules(chunk_size) as rules:
+        result = replay()
+    _rules_needed[model] = bool(rules is not None and rules.fired)
+    return result
 
 
 def _forward_mode(

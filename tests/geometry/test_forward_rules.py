@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import stepguard
 from stepguard.geometry import forward_rules as rules
+from stepguard.geometry import jvp as jvp_module
 from stepguard.geometry.forward_rules import (
     FiniteDifferenceWarning,
     ForwardADUnsupportedError,
@@ -268,3 +269,41 @@ def test_a_custom_function_without_jvp_is_named() -> None:
 def test_chunk_size_is_checked() -> None:
     with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
         ForwardRules(chunk_size=-1)
+
+
+# ---------------------------------------------------------------- routing only where needed
+
+
+class Sometimes(nn.Module):
+    """Attention only for sequences longer than four: the first replay may not meet it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention, self.head = Attention(), nn.Linear(16, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.attention(x) if x.size(1) > 4 else self.head(x)
+
+
+def test_a_model_that_needs_no_rule_is_replayed_without_the_routing(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = Sometimes()
+    short, long = torch.randn(2, 3, 16), torch.randn(2, 6, 16)
+    stepguard.radius(model, short, direction(model))
+    assert jvp_module._rules_needed[model] is False
+    routed = []
+    original = ForwardRules.__torch_function__
+    monkeypatch.setattr(ForwardRules, "__torch_function__",
+                        lambda self, *a, **kw: routed.append(1) or original(self, *a, **kw))
+    assert stepguard.radius(model, short, direction(model)).estimator == "jvp"
+    assert not routed
+    result = stepguard.radius(model, long, direction(model), estimator="jvp")  # meets the fused kernel
+    assert result.estimator == "jvp" and routed
+    assert jvp_module._rules_needed[model] is True
+
+
+def test_fast_path_modules_keep_the_routing() -> None:
+    model = nn.Sequential(nn.Linear(16, 16), nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True))
+    model.eval()
+    x = torch.randn(2, 5, 16)
+    stepguard.radius(model, x, direction(model), mode="eval")
+    assert jvp_module._rules_needed[model] is True
