@@ -9,7 +9,8 @@ saw. See ``docs/analyzer.md``.
   ``summary.json``, TensorBoard events and ``report.html``; :func:`read_report` reads
   ``report.jsonl`` back as :class:`Transition` objects.
 * :func:`load_probe`, :func:`load_factory`, :func:`discover` — the inputs.
-* :func:`negative_flip_rate`, :func:`cld_scores` — the metrics across checkpoints.
+* :func:`negative_flip_rate`, :func:`relative_negative_flip_rate`, :func:`cld_scores` — the
+  metrics across checkpoints.
 """
 
 from stepguard.analysis.checkpoints import CheckpointFile, discover, load_state, natural_key, step_from_name
@@ -20,7 +21,13 @@ from stepguard.analysis.errors import (
     NoCheckpointsError,
     ProbeError,
 )
-from stepguard.analysis.metrics import cld_coreset, cld_ranking, cld_scores, negative_flip_rate
+from stepguard.analysis.metrics import (
+    cld_coreset,
+    cld_ranking,
+    cld_scores,
+    negative_flip_rate,
+    relative_negative_flip_rate,
+)
 from stepguard.analysis.model import build_model, load_factory
 from stepguard.analysis.outputs import read_jsonl as read_report
 from stepguard.analysis.outputs import write_outputs
@@ -60,6 +67,7 @@ __all__ = [
     "natural_key",
     "negative_flip_rate",
     "read_report",
+    "relative_negative_flip_rate",
     "step_from_name",
     "write_outputs",
 ]
