@@ -136,3 +136,37 @@ def reduce_across_ranks(values: Mapping[str, Tensor], group: object | None = Non
             so += n
         out[name] = v.reshape(shape)
     return out
+
+
+def check_ranks_agree(facts: Mapping[str, str], group: object | None = None) -> None:
+    """Every rank guards the same model with the same policy and configuration, or every rank raises.
+
+    Ranks that disagree would send different tensors to the reduction, which hangs or
+    fails inside the collective with no word of why. Called before the first step (and
+    whenever the optimizer's parameters change), with a few descriptive ``facts`` (policy,
+    configuration, parameter shapes); one ``all_gather_object``, no collective otherwise.
+
+    Raises:
+        RuntimeError: on every rank, naming each fact that differs and the ranks' values.
+    """
+    if not is_distributed(group):
+        return
+    gathered: list[Mapping[str, str] | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, dict(facts), group=group)
+    differing = []
+    for key in sorted({k for facts_of in gathered for k in (facts_of or {})}):
+        values = [(facts_of or {}).get(key) for facts_of in gathered]
+        if len(set(values)) > 1:
+            shown = "; ".join(f"rank {r}: {_short(v)}" for r, v in enumerate(values))
+            differing.append(f"{key} differs ({shown})")
+    if differing:
+        raise RuntimeError(
+            "StepGuard's ranks disagree, so they cannot take the same decision: "
+            + " | ".join(differing)
+            + ". Build the same model, optimizer, policy and GuardConfig on every rank."
+        )
+
+
+def _short(value: str | None, limit: int = 120) -> str:
+    text = "missing" if value is None else value
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -17,6 +17,7 @@ back before it propagates.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import time
 import warnings
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 from stepguard.config import GuardConfig
 from stepguard.costs import PhaseTimer
 from stepguard.diagnostics import EntanglementProbe
-from stepguard.distributed import is_distributed, rank_and_world, reduce_across_ranks
+from stepguard.distributed import check_ranks_agree, is_distributed, rank_and_world, reduce_across_ranks
 from stepguard.errors import HaltTraining, NoBatchError
 from stepguard.geometry.logits import LogitsFn
 from stepguard.measure import build_report, global_norm, sync_to_host
@@ -176,6 +177,8 @@ class GuardEngine:
             params = self._params()
             if self._snapshot.bind(params):
                 self.trigger.rebind()
+                if self._distributed:
+                    check_ranks_agree(self._facts(params))
             self.measured.check_ready(
                 self.optimizer, params, inputs_given="inputs" in self._observed, closure=closure
             )
@@ -402,6 +405,16 @@ class GuardEngine:
             reason = f"{report.reason}; {streak} steps in a row were vetoed (GuardConfig.halt_after_vetoes)"
             return evolve(report, halt=True, reason=reason)
         return report
+
+    def _facts(self, params: list[Tensor]) -> dict[str, str]:
+        """What every rank's guard must share for the ranks to decide alike."""
+        shapes = ",".join(f"{tuple(p.shape)}:{str(p.dtype).removeprefix('torch.')}" for p in params)
+        return {
+            "policy": repr(self.policy),
+            "config": self.config.model_dump_json(),
+            "optimizer": type(self.optimizer).__name__,
+            "parameters": f"{len(params)} tensors, {hashlib.sha256(shapes.encode()).hexdigest()[:12]}",
+        }
 
     def _params(self) -> list[Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
