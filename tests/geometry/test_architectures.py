@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import stepguard
 from stepguard import StepGuard
@@ -87,7 +88,8 @@ def build(name: str, **implementation: str) -> nn.Module:
 
 def eager_twin(model: nn.Module, name: str) -> nn.Module:
     """The same weights with eager attention (and eager experts for mixture-of-experts)."""
-    extra = {"experts_implementation": "eager"} if name == "mixtral" else {}
+    grouped = hasattr(model.config, "_experts_implementation")  # transformers >= 5
+    extra = {"experts_implementation": "eager"} if name == "mixtral" and grouped else {}
     twin = build(name, attn_implementation="eager", **extra)
     twin.load_state_dict(model.state_dict())
     return twin.train(model.training)
@@ -100,7 +102,8 @@ def relative_error(a: Tensor, ref: Tensor) -> float:
 @pytest.mark.parametrize("name", list(MODELS))
 def test_default_attention_is_measured_by_the_jvp_and_matches_eager(name: str) -> None:
     model = build(name).eval()
-    assert model.config._attn_implementation == "sdpa"
+    if model.config._attn_implementation != "sdpa":
+        pytest.skip(f"this transformers version gives {name} {model.config._attn_implementation} attention")
     inputs = MODELS[name][1]()
     direction = {n: torch.randn_like(p) for n, p in model.named_parameters()}
     result = stepguard.radius(model, inputs, direction, estimator="jvp")
@@ -112,7 +115,8 @@ def test_default_attention_is_measured_by_the_jvp_and_matches_eager(name: str) -
 
 def test_mixtral_default_experts_use_grouped_mm_and_several_directions_share_one_pass() -> None:
     model = build("mixtral").eval()
-    assert model.config._experts_implementation == "grouped_mm"
+    if getattr(model.config, "_experts_implementation", None) != "grouped_mm":
+        pytest.skip("this transformers version has no grouped-matmul experts")
     inputs = tokens()
     directions = [{n: torch.randn_like(p) for n, p in model.named_parameters()} for _ in range(2)]
     results = stepguard.radius(model, inputs, directions=directions, estimator="jvp")
@@ -182,11 +186,29 @@ def test_transformer_encoder_in_both_modes(mode: str) -> None:
     assert relative_error(result.velocity, fallback.velocity) < 1e-2  # a float32 central difference
 
 
-def test_a_guarded_llama_step_is_measured_by_the_jvp() -> None:
+class Kernels(TorchDispatchMode):
+    """The aten ops that ran while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_guarded_llama_step_is_measured_by_the_jvp_and_training_keeps_its_kernels() -> None:
     model = build("llama")
     guard = StepGuard(torch.optim.SGD(model.parameters(), lr=1e-2), model=model, rows_fn=causal_lm_rows)
     ids = torch.randint(0, VOCAB, (2, SEQ))
-    model(input_ids=ids, labels=ids).loss.backward()
+    with Kernels() as before:
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
     report = guard.step()
     assert report.measured and report.estimator == "jvp"
     assert report.rho_a > 0
+    with Kernels() as after:
+        model(input_ids=ids, labels=ids).loss.backward()  # training's backward still has its kernels' rules
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in before.names
+    assert after.names[: len(before.names)] == before.names
