@@ -10,26 +10,36 @@ from torch import nn
 from stepguard.geometry.jvp import Batch, is_replaying
 
 
-def _is_sharded(model: nn.Module) -> bool:
-    names = {cls.__name__ for cls in type(model).__mro__}
-    return bool(names & {"FullyShardedDataParallel", "FSDPModule"}) or any(
-        type(m).__name__.startswith("FSDP") for m in model.modules()
-    )
+def _sharding(model: nn.Module) -> str | None:
+    """The name of an unsupported sharding of ``model``'s parameters, or None."""
+    for module in model.modules():
+        names = {cls.__name__ for cls in type(module).__mro__}
+        if "FullyShardedDataParallel" in names:
+            return "FSDP1 (FullyShardedDataParallel)"
+        if "FSDPModule" in names:
+            return "FSDP2 (fully_shard)"
+    if any(type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor"
+           for p in model.parameters()):
+        return "DTensor parameters (tensor or sequence parallel)"
+    return None
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The module that holds the parameters: strips DDP/DataParallel and ``torch.compile`` wrappers.
 
     Raises:
-        NotImplementedError: for FSDP-sharded models, whose ranks hold only shards of the
-            parameters while the replay needs them whole.
+        NotImplementedError: for models whose parameters are sharded across ranks (FSDP1,
+            FSDP2, tensor-parallel DTensors), whose replay needs whole parameters; the
+            message names what is supported.
     """
-    if _is_sharded(model):
+    sharding = _sharding(model)
+    if sharding is not None:
         raise NotImplementedError(
-            "StepGuard does not guard FSDP-sharded models: its JVP replays the forward with "
-            "whole parameters on each rank. Use DistributedDataParallel (supported: every rank "
-            "measures its shard of the batch and the guard reduces before deciding), or "
-            "measure a gathered copy with stepguard.radius()."
+            f"StepGuard does not guard models sharded with {sharding} yet: its JVP replays the "
+            "forward with whole parameters on each rank. Supported: a single process, "
+            "DataParallel and DistributedDataParallel (every rank measures its part of the batch "
+            "and the guard reduces before deciding); to measure a sharded model, gather a copy "
+            "and call stepguard.radius() on it. See docs/distributed.md."
         )
     seen = 0
     while seen < 8:

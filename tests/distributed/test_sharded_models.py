@@ -1,0 +1,70 @@
+"""Models whose parameters are sharded across ranks (FSDP2, tensor parallel) are refused with
+an error naming what is supported (two real gloo processes)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+WORLD = 2
+
+
+def _worker(rank: int, store: str, out: str, case: str) -> None:
+    import torch.distributed as dist
+    from torch import nn
+
+    from stepguard import StepGuard
+
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+        if case == "fsdp2":
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in (net[0], net[2]):
+                fully_shard(layer)
+            fully_shard(net)
+        else:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+            mesh = init_device_mesh("cpu", (WORLD,))
+            parallelize_module(net, mesh, {"0": ColwiseParallel()})
+        try:
+            StepGuard(torch.optim.Adam(net.parameters()), model=net, policy="clip")
+            outcome = "accepted"
+        except NotImplementedError as exc:
+            outcome = str(exc)
+        Path(f"{out}/rank{rank}.txt").write_text(outcome)
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+@pytest.mark.parametrize(("case", "named"), [
+    ("fsdp2", "FSDP2 (fully_shard)"),
+    ("tensor_parallel", "DTensor parameters (tensor or sequence parallel)"),
+])
+def test_sharded_models_are_refused_naming_what_is_supported(tmp_path: Path, case: str, named: str) -> None:
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(rank, str(tmp_path / "store"), str(tmp_path), case))
+             for rank in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in procs] == [0] * WORLD
+    for rank in range(WORLD):
+        message = (tmp_path / f"rank{rank}.txt").read_text()
+        assert named in message and "DistributedDataParallel" in message
