@@ -138,9 +138,8 @@ def attention_tangent(
     """
     query, key, value, mask = primals
     d_query, d_key, d_value, d_mask = tangents
-    if enable_gqa:
-        key, value, d_key, d_value = (_repeat_heads(t, query.size(-3)) for t in (key, value, d_key, d_value))
     work = torch.promote_types(query.dtype, torch.float32)
+    heads = query.size(-3) if enable_gqa else None
     q = query.to(work) * _scale_of(query, scale)
     dq = None if d_query is None else d_query.to(work) * _scale_of(query, scale)
     n_queries, n_keys = query.size(-2), key.size(-2)
@@ -148,27 +147,28 @@ def attention_tangent(
     d_mask = _expand_keys(d_mask, n_keys)
     state = _Online(q.shape[:-1], value.size(-1), work, q.device)
     for start in range(0, n_keys, chunk_size):
-        stop = min(start + chunk_size, n_keys)
         if is_causal and start >= n_queries:
             break
-        k_c, v_c = key[..., start:stop, :].to(work), value[..., start:stop, :].to(work)
-        scores = q @ k_c.transpose(-2, -1)
-        scores = _masked(scores, mask, start, stop, is_causal, n_queries, work)
-        d_scores = _score_tangent(q, k_c, dq, d_key, d_mask, start, stop, work)
-        d_v = None if d_value is None else d_value[..., start:stop, :].to(work)
-        state.add(scores, d_scores, v_c, d_v)
+        keys = slice(start, min(start + chunk_size, n_keys))
+        k_c, v_c, dk_c, dv_c = (_block(t, keys, heads, work) for t in (key, value, d_key, d_value))
+        assert k_c is not None and v_c is not None
+        scores = _masked(q @ k_c.transpose(-2, -1), mask, keys, is_causal, n_queries, work)
+        state.add(scores, _score_tangent(q, k_c, dq, dk_c, d_mask, keys, work), v_c, dv_c)
     return state.tangent().to(query.dtype)
+
+
+def _block(t: Tensor | None, keys: slice, heads: int | None, work: torch.dtype) -> Tensor | None:
+    """Rows ``keys`` of a key or value tensor, its heads repeated for grouped-query attention."""
+    if t is None:
+        return None
+    block = t[..., keys, :].to(work)
+    if heads is not None and block.size(-3) != heads:
+        block = block.repeat_interleave(heads // block.size(-3), dim=-3)
+    return block
 
 
 def _scale_of(query: Tensor, scale: float | None) -> float:
     return scale if scale is not None else 1.0 / math.sqrt(query.size(-1))
-
-
-def _repeat_heads(t: Tensor | None, heads: int) -> Tensor | None:
-    """Grouped-query attention: each key/value head serves heads/H_kv query heads."""
-    if t is None or t.size(-3) == heads:
-        return t
-    return t.repeat_interleave(heads // t.size(-3), dim=-3)
 
 
 def _expand_keys(mask: Tensor | None, n_keys: int) -> Tensor | None:
@@ -179,23 +179,17 @@ def _expand_keys(mask: Tensor | None, n_keys: int) -> Tensor | None:
 
 
 def _masked(
-    scores: Tensor,
-    mask: Tensor | None,
-    start: int,
-    stop: int,
-    is_causal: bool,
-    n_queries: int,
-    work: torch.dtype,
+    scores: Tensor, mask: Tensor | None, keys: slice, is_causal: bool, n_queries: int, work: torch.dtype
 ) -> Tensor:
     if mask is not None:
-        block = mask[..., start:stop]
+        block = mask[..., keys]
         if block.dtype == torch.bool:
             scores = scores.masked_fill(~block, -math.inf)
         else:
             scores = scores + block.to(work)
     if is_causal:
         rows = torch.arange(n_queries, device=scores.device).unsqueeze(-1)
-        cols = torch.arange(start, stop, device=scores.device)
+        cols = torch.arange(keys.start, keys.stop, device=scores.device)
         scores = scores.masked_fill(cols > rows, -math.inf)
     return scores
 
@@ -204,27 +198,32 @@ def _score_tangent(
     q: Tensor,
     k_c: Tensor,
     dq: Tensor | None,
-    d_key: Tensor | None,
+    dk_c: Tensor | None,
     d_mask: Tensor | None,
-    start: int,
-    stop: int,
+    keys: slice,
     work: torch.dtype,
 ) -> Tensor | None:
     """dS for one key block: dq·kᵀ·scale + q·dkᵀ·scale + dM (``q``, ``dq`` carry the scale)."""
-    d_scores = None
+    terms = []
     if dq is not None:
-        d_scores = dq @ k_c.transpose(-2, -1)
-    if d_key is not None:
-        term = q @ d_key[..., start:stop, :].to(work).transpose(-2, -1)
-        d_scores = term if d_scores is None else d_scores + term
+        terms.append(dq @ k_c.transpose(-2, -1))
+    if dk_c is not None:
+        terms.append(q @ dk_c.transpose(-2, -1))
     if d_mask is not None and d_mask.dtype != torch.bool:
-        term = d_mask[..., start:stop].to(work)
-        d_scores = term if d_scores is None else d_scores + term
-    return d_scores
+        terms.append(d_mask[..., keys].to(work))
+    if not terms:
+        return None
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
 
 
 class _Online:
-    """Running sums of the online softmax: Σ P, Σ P·V, Σ P·dS·V + P·dV and Σ P·dS per row."""
+    """Running sums of the online softmax, rescaled to the running row maximum.
+
+    Σ P and Σ P·V give the output; Σ P·(dS·V + dV) and Σ P·dS give its tangent.
+    """
 
     def __init__(self, rows: torch.Size, width: int, dtype: torch.dtype, device: torch.device) -> None:
         self.peak = torch.full(rows, -math.inf, dtype=dtype, device=device)
@@ -234,38 +233,36 @@ class _Online:
         self.d_total: Tensor | None = None
 
     def add(self, scores: Tensor, d_scores: Tensor | None, v_c: Tensor, d_v: Tensor | None) -> None:
+        """One block of keys: its scores, their tangent, its values and their tangent."""
         peak = torch.maximum(self.peak, scores.amax(-1))
-        safe = torch.where(torch.isinf(peak), torch.zeros_like(peak), peak)
+        safe = peak.masked_fill(torch.isinf(peak), 0.0)  # rows that have met no key yet
         decay = torch.exp(self.peak - safe)
         p = torch.exp(scores - safe.unsqueeze(-1))
         self.peak = peak
-        self.total = self.total * decay + p.sum(-1)
-        self.out = self.out * decay.unsqueeze(-1) + p @ v_c
-        parts = []
+        self.total = _accumulate(self.total, decay, p.sum(-1))
+        self.out = _accumulate(self.out, decay, p @ v_c)
+        step = None if d_v is None else p @ d_v
         if d_scores is not None:
             weighted = p * d_scores
-            self.d_total = _decayed(self.d_total, decay) + weighted.sum(-1)
-            parts.append(weighted @ v_c)
-        if d_v is not None:
-            parts.append(p @ d_v)
-        if parts:
-            step = parts[0] if len(parts) == 1 else parts[0] + parts[1]
-            previous = None if self.d_out is None else self.d_out * decay.unsqueeze(-1)
-            self.d_out = step if previous is None else previous + step
-        elif self.d_out is not None:
-            self.d_out = self.d_out * decay.unsqueeze(-1)
+            self.d_total = _accumulate(self.d_total, decay, weighted.sum(-1))
+            step = weighted @ v_c if step is None else step + weighted @ v_c
+        if step is not None:
+            self.d_out = _accumulate(self.d_out, decay, step)
 
     def tangent(self) -> Tensor:
-        """dO = (Σ P·dS·V + P·dV)/ΣP − (Σ P·dS/ΣP)·O, zero for rows with no key."""
-        empty = self.total == 0
-        total = torch.where(empty, torch.ones_like(self.total), self.total).unsqueeze(-1)
+        """dO = Σ P·(dS·V + dV)/ΣP − (Σ P·dS/ΣP)·O, zero for rows with no key."""
         if self.d_out is None:
             return torch.zeros_like(self.out)
+        empty = self.total == 0
+        total = self.total.masked_fill(empty, 1.0).unsqueeze(-1)
         d_out = self.d_out / total
         if self.d_total is not None:
             d_out = d_out - (self.d_total.unsqueeze(-1) / total) * (self.out / total)
         return d_out.masked_fill(empty.unsqueeze(-1), 0.0)
 
 
-def _decayed(value: Tensor | None, decay: Tensor) -> Tensor | int:
-    return 0 if value is None else value * decay
+def _accumulate(running: Tensor | None, decay: Tensor, block: Tensor) -> Tensor:
+    """running·decay + block, the decay (one per row) broadcast over a trailing width."""
+    if running is None:
+        return block
+    return running * (decay if running.dim() == decay.dim() else decay.unsqueeze(-1)) + block
