@@ -307,3 +307,54 @@ def test_fast_path_modules_keep_the_routing() -> None:
     x = torch.randn(2, 5, 16)
     stepguard.radius(model, x, direction(model), mode="eval")
     assert jvp_module._rules_needed[model] is True
+
+
+class Largest(TorchDispatchMode):
+    """The most elements of any tensor an op returned while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+def test_the_replay_of_a_long_sequence_stays_within_its_chunk() -> None:
+    model, x = Attention(), torch.randn(1, 128, 16)
+    params = dict(model.named_parameters())
+    d, batch = direction(model), Batch.from_inputs(x)
+    square = 2 * 128 * 128  # heads × T × T
+    with Largest() as small:
+        logit_velocities(model, params, [d], batch, chunk_size=8)
+    with Largest() as whole:
+        logit_velocities(model, params, [d], batch, chunk_size=128)
+    assert small.numel < square / 4 <= whole.numel
+
+
+def test_rms_norm_and_rotary_embeddings_are_plain_ops_with_forward_rules() -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm, self.proj = nn.RMSNorm(8), nn.Linear(8, 8)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.norm(x)
+            angle = torch.arange(x.size(1)).unsqueeze(-1) * torch.linspace(0.1, 1.0, 4)
+            cos, sin = angle.cos().repeat(1, 2), angle.sin().repeat(1, 2)
+            rotated = torch.cat([-h[..., 4:], h[..., :4]], dim=-1)
+            return self.proj(h * cos + rotated * sin)
+
+    model, x = Block().double(), torch.randn(2, 5, 8, dtype=torch.float64)
+    d = direction(model)
+    result = stepguard.radius(model, x, d, estimator="jvp")
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    eps = 1e-6
+    with torch.no_grad():
+        plus = torch.func.functional_call(model, {n: p + eps * d[n] / _norm(d) for n, p in params.items()}, (x,))
+        minus = torch.func.functional_call(model, {n: p - eps * d[n] / _norm(d) for n, p in params.items()}, (x,))
+    assert torch.allclose(result.velocity, ((plus - minus) / (2 * eps)).reshape(-1, 8), rtol=1e-6, atol=1e-8)
