@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import re
-import types
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from types import TracebackType
+from types import FunctionType, TracebackType
 from typing import Any
 
 import torch
@@ -107,7 +106,7 @@ class ForwardRules(TorchFunctionMode):
 def _rebind(func: Callable[..., Any], **names: Any) -> Callable[..., Any]:
     """A copy of a Python function that finds ``names`` among its globals, with these values."""
     code = func.__code__  # type: ignore[attr-defined]
-    copy = types.FunctionType(
+    copy = FunctionType(
         code,
         {**func.__globals__, **names},  # type: ignore[attr-defined]
         func.__name__,

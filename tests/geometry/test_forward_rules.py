@@ -69,6 +69,22 @@ def test_grouped_mm_gets_the_rule_of_a_bilinear_map() -> None:
     assert relative_error(only_w, grouped_by_loop(a, dw, offs)) < 1e-6
 
 
+def test_grouped_mm_through_torch_ops_and_transformers_fallback() -> None:
+    a, w = torch.randn(9, 8), torch.randn(3, 8, 4)
+    da, dw = torch.randn_like(a), torch.randn_like(w)
+    offs = torch.tensor([4, 6, 9], dtype=torch.int32)
+    _, ref = torch.func.jvp(lambda x, y: grouped_by_loop(x, y, offs), (a, w), (da, dw))
+    ops = [torch.ops.aten._grouped_mm, torch.ops.aten._grouped_mm.default]
+    pytest.importorskip("transformers.integrations.moe")  # registers transformers' fallback op
+    if hasattr(torch.ops.transformers, "grouped_mm_fallback"):
+        ops.append(torch.ops.transformers.grouped_mm_fallback)
+    for op in ops:
+        with ForwardRules() as routed:
+            _, tangent = torch.func.jvp(lambda x, y, op=op: op(x, y, offs), (a, w), (da, dw))
+        assert routed.fired == 1
+        assert relative_error(tangent, ref) < 1e-6, op
+
+
 def test_a_bias_tangent_enters_the_bilinear_rule_once() -> None:
     a, b, bias = torch.randn(5, 3), torch.randn(3, 4), torch.randn(4)
     da, db, dbias = torch.randn_like(a), torch.randn_like(b), torch.randn_like(bias)
