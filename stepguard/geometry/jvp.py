@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import logging
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,8 +32,6 @@ from stepguard.geometry.forward_rules import (
 )
 from stepguard.geometry.logits import LogitsFn, extract_logits
 from stepguard.geometry.swap import call_with
-
-logger = logging.getLogger("stepguard.geometry")
 
 Mode = Literal["train", "eval"]
 EstimatorChoice = Literal["auto", "jvp", "finite_difference"]
