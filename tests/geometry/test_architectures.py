@@ -40,7 +40,8 @@ def mixtral() -> Any:
 
 
 def gpt2() -> Any:
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                     bos_token_id=0, eos_token_id=0)
     return config, transformers.GPT2LMHeadModel
 
 
