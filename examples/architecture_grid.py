@@ -44,7 +44,8 @@ from _common import cell, parse_list, set_threads, stats, write_json
 from torch import Tensor, nn
 
 from stepguard import ClipPolicy, StepGuard, radius
-from stepguard.datasets import Split, load_digits
+from stepguard.datasets import Split
+from stepguard.tools.compare_workloads import ARCHS, file_order_split
 
 METHODS = ("plain", "clip", "guard", "paper")
 DEFAULT_METHODS = ("plain", "clip", "guard")
@@ -55,70 +56,7 @@ PAPER_TABLE1 = {
 }
 
 
-# --------------------------------------------------------------------------- models
-
-
-class OneTokenTransformer(nn.Module):
-    """One pre-LN Transformer block on a single token: embed 64→dim, attention, GELU FFN (4·dim), head."""
-
-    def __init__(self, dim: int = 32, classes: int = 10) -> None:
-        super().__init__()
-        self.embed = nn.Linear(64, dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.out = nn.Linear(dim, dim)
-        self.ffn1 = nn.Linear(dim, 4 * dim)
-        self.ffn2 = nn.Linear(4 * dim, dim)
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, classes)
-        self.scale = dim**-0.5
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.embed(x).unsqueeze(1)
-        q, k, v = self.qkv(self.norm1(h)).chunk(3, dim=-1)
-        attention = torch.softmax(q @ k.transpose(-2, -1) * self.scale, dim=-1)
-        h = h + self.out(attention @ v)
-        h = h + self.ffn2(F.gelu(self.ffn1(self.norm2(h))))
-        return self.head(h.squeeze(1))
-
-
-class LayerNormMLP(nn.Module):
-    """Three blocks of Linear → LayerNorm → GELU (width ``dim``) and a linear head."""
-
-    def __init__(self, dim: int = 64, classes: int = 10) -> None:
-        super().__init__()
-        self.fc1, self.norm1 = nn.Linear(64, dim), nn.LayerNorm(dim)
-        self.fc2, self.norm2 = nn.Linear(dim, dim), nn.LayerNorm(dim)
-        self.fc3, self.norm3 = nn.Linear(dim, dim), nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = F.gelu(self.norm1(self.fc1(x)))
-        x = F.gelu(self.norm2(self.fc2(x)))
-        x = F.gelu(self.norm3(self.fc3(x)))
-        return self.head(x)
-
-
-class BatchNormCNN(nn.Module):
-    """The 64 pixels as a 1-channel sequence: two Conv1d(k=3) → BatchNorm → ReLU, average pool, head."""
-
-    def __init__(self, dim: int = 32, classes: int = 10) -> None:
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv1d(1, dim, 3, padding=1), nn.BatchNorm1d(dim)
-        self.conv2, self.bn2 = nn.Conv1d(dim, dim, 3, padding=1), nn.BatchNorm1d(dim)
-        self.head = nn.Linear(dim, classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = F.relu(self.bn1(self.conv1(x.unsqueeze(1))))
-        x = F.relu(self.bn2(self.conv2(x)))
-        return self.head(x.mean(dim=-1))
-
-
-ARCHS: dict[str, type[nn.Module]] = {
-    "Transformer": OneTokenTransformer,
-    "MLP+LN": LayerNormMLP,
-    "CNN+BN": BatchNormCNN,
-}
+# The models live in stepguard.tools.compare_workloads, shared with ``stepguard compare``.
 # Rough relative CPU cost per run, to hand the slowest cells to the workers first.
 _COST = {"Transformer": 1, "MLP+LN": 1, "CNN+BN": 20}
 
@@ -170,14 +108,6 @@ class RunLog:
     rho_grad: list[float] = field(default_factory=list)
     scale: list[float] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def file_order_split(test_fraction: float = 0.2, device: str | torch.device = "cpu") -> Split:
-    """The digits in file order: the first ``int(test_fraction·1797)`` rows test, the rest train."""
-    x, y = load_digits()
-    n_test = int(test_fraction * len(x))
-    x, y = x.to(device), y.to(device)
-    return Split(x[n_test:], y[n_test:], x[:n_test], y[:n_test])
 
 
 @torch.no_grad()

@@ -243,6 +243,11 @@ METHODS: dict[str, Method] = {
 }
 
 
+def guard_method(name: str, policy: Callable[[], str | Policy], budget: float | None = None) -> Method:
+    """A method that trains AdamW under a StepGuard with a fresh ``policy()`` (and ``budget``) per run."""
+    return Method(name, f"StepGuard(AdamW, policy={name})", _guarded(policy, budget))
+
+
 def resolve_methods(names: Iterable[str]) -> list[Method]:
     """The methods called ``names``.
 
