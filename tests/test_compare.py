@@ -195,3 +195,25 @@ def test_the_warmup_policy_allows_early_steps_up_to_its_early_target() -> None:
     assert decide(0, 6.0) == ("clip", pytest.approx(0.5))
     assert decide(100, 2.5) == ("clip", pytest.approx(0.4))
     assert decide(100, 0.9) == ("allow", 1.0)
+
+
+def test_plot_without_matplotlib_stops_before_running(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(compare, "run_comparison", lambda *a, **k: pytest.fail("ran without matplotlib"))
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main(["--workloads", "digits-mlp", "--out", str(tmp_path), "--plot", str(tmp_path / "c.png")])
+    assert exit_info.value.code == 2
+    assert "--plot needs matplotlib: pip install -e '.[plot]'" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_workload_whose_package_is_missing_gives_missing_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    settings = Settings(
+        workloads=("llama",), methods=("plain", "stepguard"), lrs=(1e-3,), conditions=("none",)
+    )
+    results = run_comparison(settings)
+    assert [(r.method, r.status) for r in results] == [("plain", "missing"), ("stepguard", "missing")]
+    assert "pip install transformers" in results[0].note

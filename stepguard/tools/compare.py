@@ -867,14 +867,26 @@ def plot(path: Path, results: Sequence[RunResult], summary: Mapping[str, Any]) -
 # --------------------------------------------------------------------------- command line
 
 
+DESCRIPTION = (
+    "StepGuard side by side with gradient-norm clipping, ZClip, SPAM, StableSPAM and SkipStepAdamW: the "
+    "same data, seeds and steps, over a learning-rate sweep, with and without a x1000 learning-rate spike; "
+    "writes comparison.json and comparison.md (and a figure with --plot)."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m stepguard.tools.compare`` (the flags of ``stepguard compare``)."""
     parser = argparse.ArgumentParser(
         prog="stepguard compare",
-        description="StepGuard side by side with gradient-norm clipping, ZClip, SPAM, StableSPAM and "
-        "SkipStepAdamW: the same data, seeds and steps, over a learning-rate sweep, with and without a "
-        "x1000 learning-rate spike.",
+        description=DESCRIPTION,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``stepguard compare``."""
     parser.add_argument(
         "--workloads", default=",".join(WORKLOADS), help=f"comma list from {', '.join(WORKLOADS)}"
     )
@@ -921,31 +933,39 @@ def _progress(row: RunResult) -> None:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the comparison, print the tables, write ``comparison.json`` and ``comparison.md`` in ``--out``."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        settings = Settings(
-            workloads=_split(args.workloads),
-            methods=_split(args.methods),
-            lrs=tuple(float(v) for v in _split(args.lrs)) if args.lrs else None,
-            conditions=_split(args.conditions),
-            steps=args.steps,
-            spike=args.spike,
-            seed=args.seed,
-            eval_every=args.eval_every,
-            threads=args.threads,
-        )
-        if args.steps is not None and args.steps < 1:
-            raise ValueError(f"--steps must be at least 1, got {args.steps}")
-    except ValueError as exc:
-        parser.error(str(exc))
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """The :class:`Settings` of parsed flags.
+
+    Raises:
+        ValueError: an unknown workload, method or condition (naming the known ones), or a bad number.
+    """
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    return Settings(
+        workloads=_split(args.workloads),
+        methods=_split(args.methods),
+        lrs=tuple(float(v) for v in _split(args.lrs)) if args.lrs else None,
+        conditions=_split(args.conditions),
+        steps=args.steps,
+        spike=args.spike,
+        seed=args.seed,
+        eval_every=args.eval_every,
+        threads=args.threads,
+    )
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run the comparison for parsed flags; print the tables; write ``comparison.json``/``.md`` in ``--out``.
+
+    Raises:
+        ValueError: bad flags, or ``--plot`` without matplotlib (checked before anything runs).
+    """
+    settings = settings_from_args(args)
     if args.plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            parser.error("--plot needs matplotlib: pip install -e '.[plot]'")
+            raise ValueError("--plot needs matplotlib: pip install -e '.[plot]'") from None
     start = time.perf_counter()
     if args.from_json:
         settings, results, wall = load_runs([Path(p) for p in args.from_json])
@@ -964,6 +984,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         plot(Path(args.plot), results, summary)
         print(f"figure written to {args.plot}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m stepguard.tools.compare``: :func:`run_from_args`; bad input exits 2 with one line."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
 
 
 if __name__ == "__main__":
