@@ -8,18 +8,21 @@ import torch
 from torch import nn
 
 from stepguard.geometry.jvp import Batch, is_replaying
+from stepguard.geometry.sharded import is_dtensor, unsupported_fsdp2_layout
 
 
 def _sharding(model: nn.Module) -> str | None:
     """The name of an unsupported sharding of ``model``'s parameters, or None."""
+    fsdp2 = False
     for module in model.modules():
         names = {cls.__name__ for cls in type(module).__mro__}
         if "FullyShardedDataParallel" in names:
             return "FSDP1 (FullyShardedDataParallel)"
-        if "FSDPModule" in names:
-            return "FSDP2 (fully_shard)"
-    if any(type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor"
-           for p in model.parameters()):
+        fsdp2 = fsdp2 or "FSDPModule" in names
+    if fsdp2:
+        reason = unsupported_fsdp2_layout(model)
+        return None if reason is None else f"FSDP2 in this layout ({reason})"
+    if any(is_dtensor(p) for p in model.parameters()):
         return "DTensor parameters (tensor or sequence parallel)"
     return None
 
@@ -27,19 +30,21 @@ def _sharding(model: nn.Module) -> str | None:
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The module that holds the parameters: strips DDP/DataParallel and ``torch.compile`` wrappers.
 
+    FSDP2 models (``fully_shard`` on a 1-D mesh) are supported and returned as they are.
+
     Raises:
-        NotImplementedError: for models whose parameters are sharded across ranks (FSDP1,
-            FSDP2, tensor-parallel DTensors), whose replay needs whole parameters; the
-            message names what is supported.
+        NotImplementedError: for parameters sharded in a way the replay cannot follow
+            (FSDP1, HSDP or 2-D meshes, tensor-parallel DTensors); the message names what is
+            supported.
     """
     sharding = _sharding(model)
     if sharding is not None:
         raise NotImplementedError(
             f"StepGuard does not guard models sharded with {sharding} yet: its JVP replays the "
-            "forward with whole parameters on each rank. Supported: a single process, "
-            "DataParallel and DistributedDataParallel (every rank measures its part of the batch "
-            "and the guard reduces before deciding); to measure a sharded model, gather a copy "
-            "and call stepguard.radius() on it. See docs/distributed.md."
+            "forward with each module's parameters gathered as FSDP2 gathers them. Supported: a "
+            "single process, DataParallel, DistributedDataParallel and FSDP2 (fully_shard on a "
+            "1-D mesh); to measure another sharded model, gather a copy and call "
+            "stepguard.radius() on it. See docs/distributed.md."
         )
     seen = 0
     while seen < 8:

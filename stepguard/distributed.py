@@ -170,3 +170,30 @@ def check_ranks_agree(facts: Mapping[str, str], group: object | None = None) -> 
 def _short(value: str | None, limit: int = 120) -> str:
     text = "missing" if value is None else value
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def sharded_norms(
+    update_flats: list[Tensor], theta0_flats: list[Tensor], grads: list[Tensor]
+) -> dict[str, Tensor]:
+    """τ, the gradient norm and cos(Δθ, θ₀) of parameters sharded across ranks (FSDP2).
+
+    Each rank holds a shard of Δθ, θ₀ and the gradient; the global numbers come from the
+    sums Σ‖Δθ‖², Σ‖g‖², Σ⟨Δθ, θ₀⟩ and Σ‖θ₀‖² over the ranks, in float64, with one
+    ``all_reduce``. Returns 0-d tensors ``tau``, ``grad_norm`` and ``update_param_cosine``
+    (0 when either vector is zero), equal on every rank.
+    """
+    wide = torch.float64
+    zero = torch.zeros((), dtype=wide, device=update_flats[0].device if update_flats else None)
+    sums = torch.stack([
+        sum((f.to(wide).square().sum() for f in update_flats), zero),
+        sum((g.to(wide).square().sum() for g in grads), zero),
+        sum((torch.dot(f.to(wide), t.to(wide)) for f, t in zip(update_flats, theta0_flats, strict=True)),
+            zero),
+        sum((t.to(wide).square().sum() for t in theta0_flats), zero),
+    ])
+    if is_distributed():
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    delta_sq, grad_sq, dot, theta_sq = sums.unbind()
+    denominator = (delta_sq * theta_sq).sqrt()
+    cosine = torch.where(denominator > 0, dot / torch.where(denominator > 0, denominator, 1.0), 0.0)
+    return {"tau": delta_sq.sqrt(), "grad_norm": grad_sq.sqrt(), "update_param_cosine": cosine}

@@ -32,12 +32,19 @@ from torch import Tensor, nn
 from stepguard.config import GuardConfig
 from stepguard.costs import PhaseTimer
 from stepguard.diagnostics import EntanglementProbe
-from stepguard.distributed import check_ranks_agree, is_distributed, rank_and_world, reduce_across_ranks
+from stepguard.distributed import (
+    check_ranks_agree,
+    is_distributed,
+    rank_and_world,
+    reduce_across_ranks,
+    sharded_norms,
+)
 from stepguard.errors import HaltTraining, NoBatchError
 from stepguard.geometry.logits import LogitsFn
+from stepguard.geometry.sharded import local_tensor
 from stepguard.measure import build_report, global_norm, sync_to_host
 from stepguard.measured_model import LossHead, MeasuredModel, RowsFn
-from stepguard.policy import Policy, resolve_policy
+from stepguard.policy import MonitorPolicy, Policy, resolve_policy
 from stepguard.report import ACTIONS, Decision, StepReport, evolve
 from stepguard.sinks.base import Sink, SinkSet
 from stepguard.snapshot import OptimizerStateBackup, ParameterSnapshot, Update
@@ -122,6 +129,13 @@ class GuardEngine:
         self._probe: EntanglementProbe | None = None
         self._distributed = self.config.distributed == "auto" and is_distributed()
         self._rank, self._world = rank_and_world() if self._distributed else (0, 1)
+        self._sharded = self.measured.sharded is not None
+        self._global: dict[str, Tensor] = {}
+        if self._sharded and not self.trigger.every_step:
+            raise NotImplementedError(
+                "budget mode and measure_every > 1 are not supported on an FSDP2 model yet (the "
+                "direction sketch between measurements would need a collective); measure every step"
+            )
         _claim(optimizer, self)
 
     @property
@@ -175,7 +189,7 @@ class GuardEngine:
         self._timer = PhaseTimer()
         with self._timer.phase("snapshot"):
             params = self._params()
-            if self._snapshot.bind(params):
+            if self._snapshot.bind([local_tensor(p) for p in params] if self._sharded else params):
                 self.trigger.rebind()
                 if self._distributed:
                     check_ranks_agree(self._facts(params))
@@ -243,6 +257,9 @@ class GuardEngine:
             loss = observed.get("loss")
         with timer.phase("diff"):
             update = self._snapshot.difference() if self._snapshot.params else None
+            if update is not None and self._sharded:
+                self._global = self._sharded_norms(update)
+                update.tau = self._global["tau"]
             tau = update.tau if update is not None else torch.zeros(())
         measure, why = self.trigger.due(self._snapshot, update, tau, loss, timer.seconds)
         with timer.phase("measure"):
@@ -272,7 +289,9 @@ class GuardEngine:
             self._estimator = "finite_difference"
         tensors.update(scalars)
         if update is not None:
-            tensors["update_param_cosine"] = update.cosine_with_theta0()
+            tensors["update_param_cosine"] = (
+                self._global["update_param_cosine"] if self._sharded else update.cosine_with_theta0()
+            )
             self.trigger.remember_direction(self._snapshot, update)
         return used, tensors, vectors
 
@@ -281,7 +300,9 @@ class GuardEngine:
     ) -> dict[str, Tensor]:
         """The gradient norm, the loss, loss components and entanglement of the step, as tensors."""
         out: dict[str, Tensor] = {}
-        if with_grad_norm:
+        if with_grad_norm and self._sharded:
+            out["grad_norm"] = self._global["grad_norm"]
+        elif with_grad_norm:
             with torch.no_grad():
                 grads = [p.grad for p in self._snapshot.params if p.grad is not None]
                 if grads:
@@ -353,8 +374,9 @@ class GuardEngine:
             logger.warning("veto without a state backup: optimizer state keeps this step's update")
 
     def _rollback(self) -> None:
-        """Parameters back to θ₀; the optimizer state too, when the policy had it copied."""
-        if self._state_backup.restore():
+        """θ₀ back unless the policy never changes a step; the optimizer state too, when copied."""
+        restored = self._state_backup.restore()
+        if restored or not isinstance(self.policy, MonitorPolicy):
             self._snapshot.restore()
 
     def _record(self, report: StepReport, decision: Decision) -> StepReport:
@@ -415,6 +437,12 @@ class GuardEngine:
             "optimizer": type(self.optimizer).__name__,
             "parameters": f"{len(params)} tensors, {hashlib.sha256(shapes.encode()).hexdigest()[:12]}",
         }
+
+    def _sharded_norms(self, update: Update) -> dict[str, Tensor]:
+        """Global τ, gradient norm and update/parameter cosine from this rank's shards (FSDP2)."""
+        with torch.no_grad():
+            grads = [local_tensor(p.grad) for p in self._params() if p.grad is not None]
+            return sharded_norms(update.flats, [g.theta0 for g in update.groups], grads)
 
     def _params(self) -> list[Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]

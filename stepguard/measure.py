@@ -45,6 +45,10 @@ def global_norm(tensors: list[Tensor]) -> Tensor:
     return torch.linalg.vector_norm(torch.stack([n.to(wide) for n in norms]), 2)
 
 
+VelocityFn = Callable[[Batch, Mapping[str, Tensor], Mapping[str, Tensor]], tuple[Tensor, Tensor]]
+"""``velocity_fn(batch, theta0, tangent) -> (logits, velocity)``: a replay of one batch."""
+
+
 @dataclass(frozen=True)
 class Part:
     """One forward whose rows count in a step: its batch, and its targets and mask (or None)."""
@@ -69,6 +73,7 @@ def measure_update(
     summarize_on_host: bool = True,
     timings: dict[str, float] | None = None,
     before_part: Callable[[Part], None] | None = None,
+    velocity_fn: VelocityFn | None = None,
 ) -> tuple[str, dict[str, Tensor], dict[str, Tensor]]:
     """Logit velocities at θ₀ along Δθ/τ on the step's batches, and every number derived from them.
 
@@ -95,6 +100,9 @@ def measure_update(
             summaries), host time.
         before_part: called with each part before it is replayed (e.g. to hand a loss
             head that part's targets).
+        velocity_fn: ``velocity_fn(batch, theta0, tangent) -> (z, a)`` replaces the JVP
+            of :func:`~stepguard.geometry.jvp.logit_velocities` (the sharded replay under
+            FSDP2 passes its own); ``tangent`` is Δθ/τ.
 
     Returns:
         ``(estimator_used, scalars, vectors)`` of tensors on the device; the estimator is
@@ -114,21 +122,25 @@ def measure_update(
         if before_part is not None:
             before_part(part)
         started = time.perf_counter()
-        z, velocities, part_used = logit_velocities(
-            model,
-            dict(theta0),
-            [tangent],
-            part.batch,
-            logits_fn=logits_fn,
-            mode=config.mode,
-            estimator=estimator or config.estimator,
-            fd_epsilon=config.fd_epsilon,
-        )
-        if part_used != "jvp":
-            used = part_used
+        if velocity_fn is not None:
+            z, velocity = velocity_fn(part.batch, theta0, tangent)
+        else:
+            z, velocities, part_used = logit_velocities(
+                model,
+                dict(theta0),
+                [tangent],
+                part.batch,
+                logits_fn=logits_fn,
+                mode=config.mode,
+                estimator=estimator or config.estimator,
+                fd_epsilon=config.fd_epsilon,
+            )
+            velocity = velocities[0]
+            if part_used != "jvp":
+                used = part_used
         jvp_done = time.perf_counter()
-        columns.append(batch_columns(z, velocities[0], targets=part.targets, mask=part.mask, config=config))
-        del z, velocities
+        columns.append(batch_columns(z, velocity, targets=part.targets, mask=part.mask, config=config))
+        del z, velocity
         jvp_seconds += jvp_done - started
         statistics_seconds += time.perf_counter() - jvp_done
     started = time.perf_counter()

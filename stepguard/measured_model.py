@@ -22,6 +22,7 @@ from stepguard.config import GuardConfig
 from stepguard.errors import NoBatchError
 from stepguard.geometry.jvp import Batch
 from stepguard.geometry.logits import LogitsFn
+from stepguard.geometry.sharded import ShardedReplay, fsdp2_modules, local_tensor
 from stepguard.measure import Part, measure_update
 from stepguard.output_check import OutputCheck
 from stepguard.snapshot import ParameterSnapshot, Update
@@ -84,9 +85,17 @@ class MeasuredModel:
         self.capture: ForwardCapture | None = None
         self.head: LossHead | None = None
         self.output_check: OutputCheck | None = None
+        self.sharded: ShardedReplay | None = None
         if model is not None:
             self.model = unwrap_model(model)
             self.capture = ForwardCapture(self.model)
+            if fsdp2_modules(self.model):
+                if loss is not None and getattr(loss, "has_radius_logits", False):
+                    raise NotImplementedError(
+                        "a loss with radius_logits is not supported on an FSDP2 model yet: "
+                        "pass the loss's logits through logits_fn instead"
+                    )
+                self.sharded = ShardedReplay(self.model)
             if loss is not None and getattr(loss, "has_radius_logits", False):
                 self.head = LossHead(self.model, loss, logits_fn)
             elif not config.assume_logits:
@@ -153,9 +162,17 @@ class MeasuredModel:
         for name, p, i in self._layout:
             # Each primal gets its own storage: a dual tensor made from a slice of the flat θ₀
             # makes forward-mode AD give the whole buffer a tangent, once per parameter.
-            primals[name] = p.detach() if i is None else theta0[i].clone()
-            tangent[name] = torch.zeros_like(p) if i is None else delta[i]
+            own = local_tensor(p)  # this rank's shard under FSDP2, else p
+            primals[name] = own.detach() if i is None else theta0[i].clone()
+            tangent[name] = torch.zeros_like(own) if i is None else delta[i]
         head = self.head
+        velocity_fn = None
+        if self.sharded is not None:
+            sharded, logits_fn, mode = self.sharded, self.logits_fn, self.config.mode
+
+            def velocity_fn(batch: Batch, theta: Mapping[str, Tensor], direction: Mapping[str, Tensor]):
+                return sharded.logit_velocity(batch, theta, direction, logits_fn=logits_fn, mode=mode)
+
         return measure_update(
             self.module,
             primals,
@@ -168,6 +185,7 @@ class MeasuredModel:
             summarize_on_host=summarize_on_host,
             timings=timings,
             before_part=None if head is None else lambda part: setattr(head, "targets", part.targets),
+            velocity_fn=velocity_fn,
         )
 
     def step_ended(self) -> None:

@@ -1,0 +1,185 @@
+"""FSDP2 (``fully_shard``) on two real gloo processes: the guard decides as an unsharded
+single-process guard does on the whole global batch, clip and veto act on every shard, and
+monitor is bitwise the plain FSDP2 run."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+WORLD = 2
+STEPS = 10
+SPIKE_AT = 5
+ROWS = 16  # global batch; each rank holds ROWS // WORLD of it
+
+
+def make_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 6))
+
+
+def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(ROWS, 8, generator=gen) * 2, torch.randint(0, 6, (ROWS,), generator=gen)
+
+
+def lr_at(step: int) -> float:
+    return 1e-2 * (1000.0 if step >= SPIKE_AT else 1.0)
+
+
+def _shard(net: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in (net[0], net[2]):
+        fully_shard(layer)
+    fully_shard(net)
+    return net
+
+
+def _train(net: nn.Module, guard, opt, rank: int) -> list[tuple]:
+    reports = []
+    for step in range(STEPS):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        x, y = global_batch(step)
+        part = slice(rank * ROWS // WORLD, (rank + 1) * ROWS // WORLD)
+        opt.zero_grad()
+        F.cross_entropy(net(x[part]), y[part]).backward()
+        if guard is None:
+            opt.step()
+        else:
+            r = guard.step()
+            reports.append((r.step, r.tau, r.r, r.delta_a, r.action, r.scale, r.spread.count, r.estimator))
+    return reports
+
+
+def _worker(rank: int, store: str, out: str, case: str) -> None:
+    import torch.distributed as dist
+
+    from stepguard import StepGuard, VetoPolicy
+
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        net = _shard(make_net())
+        opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+        result: dict = {}
+        if case == "clip":
+            guard = StepGuard(opt, model=net, policy="clip")
+            result["reports"] = _train(net, guard, opt, rank)
+            result["params"] = [p.full_tensor() for p in net.parameters()]
+        elif case == "monitor":
+            plain = _shard(make_net())
+            plain_opt = torch.optim.Adam(plain.parameters(), lr=1e-2)
+            guard = StepGuard(opt, model=net, policy="monitor")
+            result["reports"] = _train(net, guard, opt, rank)
+            _train(plain, None, plain_opt, rank)
+            result["bitwise"] = all(
+                torch.equal(a.to_local(), b.to_local()) for a, b in zip(net.parameters(), plain.parameters(), strict=True)
+            ) and all(
+                torch.equal(sa[k].to_local() if hasattr(sa[k], "to_local") else sa[k],
+                            sb[k].to_local() if hasattr(sb[k], "to_local") else sb[k])
+                for sa, sb in zip(opt.state.values(), plain_opt.state.values(), strict=True) for k in sa
+            )
+        else:  # veto: one applied step, then every step vetoed
+            guard = StepGuard(opt, model=net, policy=VetoPolicy(max_r=1e9))
+            x, y = global_batch(0)
+            part = slice(rank * ROWS // WORLD, (rank + 1) * ROWS // WORLD)
+            F.cross_entropy(net(x[part]), y[part]).backward()
+            guard.step()
+            shards = [p.to_local().clone() for p in net.parameters()]
+            state = copy.deepcopy({i: {k: (v.to_local() if hasattr(v, "to_local") else v).clone()
+                                       for k, v in s.items()} for i, s in enumerate(opt.state.values())})
+            guard.engine.policy = VetoPolicy(max_r=1e-12)
+            actions = []
+            for step in range(1, 4):
+                x, y = global_batch(step)
+                opt.zero_grad()
+                F.cross_entropy(net(x[part]), y[part]).backward()
+                actions.append(guard.step().action)
+            after = {i: {k: (v.to_local() if hasattr(v, "to_local") else v) for k, v in s.items()}
+                     for i, s in enumerate(opt.state.values())}
+            result["actions"] = actions
+            result["bitwise"] = all(torch.equal(p.to_local(), s) for p, s in zip(net.parameters(), shards, strict=True)) \
+                and all(torch.equal(after[i][k], state[i][k]) for i in state for k in state[i])
+        torch.save(result, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)
+
+
+def _run(tmp_path: Path, case: str) -> list[dict]:
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(rank, str(tmp_path / "store"), str(tmp_path), case))
+             for rank in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in procs] == [0] * WORLD
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def _unsharded_reference() -> tuple[list[tuple], list[torch.Tensor]]:
+    from stepguard import StepGuard
+
+    net = make_net()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    guard = StepGuard(opt, model=net, policy="clip")
+    reports = []
+    for step in range(STEPS):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        x, y = global_batch(step)
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        r = guard.step()
+        reports.append((r.step, r.tau, r.r, r.delta_a, r.action, r.scale, r.spread.count, r.estimator))
+    guard.close()
+    return reports, [p.detach().clone() for p in net.parameters()]
+
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available"),
+]
+
+
+def test_sharded_guard_decides_as_an_unsharded_guard_on_the_global_batch(tmp_path: Path) -> None:
+    rank0, rank1 = _run(tmp_path, "clip")
+    assert rank0["reports"] == rank1["reports"]  # every rank, the same numbers and decisions
+    reference, ref_params = _unsharded_reference()
+    for got, want in zip(rank0["reports"], reference, strict=True):
+        step, tau, r, delta_a, action, scale, count, estimator = got
+        assert (step, action, count, estimator) == (want[0], want[4], want[6], "jvp")
+        assert r == pytest.approx(want[2], rel=1e-3)
+        assert tau == pytest.approx(want[1], rel=1e-3)
+        assert delta_a == pytest.approx(want[3], rel=1e-3)
+        assert scale == pytest.approx(want[5], rel=1e-3)
+    assert "clip" in [g[4] for g in rank0["reports"][SPIKE_AT:]]
+    largest = max(float(p.abs().max()) for p in ref_params)
+    for got, want in zip(rank0["params"], ref_params, strict=True):
+        assert float((got - want).abs().max()) <= 1e-3 * largest
+
+
+def test_monitor_is_bitwise_the_plain_fsdp2_run(tmp_path: Path) -> None:
+    for result in _run(tmp_path, "monitor"):
+        assert result["bitwise"]
+        assert {r[4] for r in result["reports"]} == {"allow"}
+
+
+def test_veto_restores_every_shard_and_the_sharded_optimizer_state(tmp_path: Path) -> None:
+    for result in _run(tmp_path, "veto"):
+        assert result["actions"] == ["veto"] * 3
+        assert result["bitwise"]
