@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import types
 from collections.abc import Iterable
 from typing import Any
 
@@ -25,13 +27,47 @@ class GuardHandle:
         self._pre = optimizer.register_step_pre_hook(self._before)
         self._post = optimizer.register_step_post_hook(self._after)
         self.attached = True
+        self._depth = 0
+        self._wrap_step()
 
+    def _wrap_step(self) -> None:
+        """Roll the step back when the inner optimizer itself raises (no post-hook runs then).
+
+        The wrapper is an instance attribute over the optimizer's own ``step`` (as LR
+        schedulers' step counters are); ``detach`` removes it, or leaves it as a plain
+        pass-through when something wrapped ``step`` again after it.
+        """
+        inner = self.optimizer.step
+        self._had_instance_step = "step" in self.optimizer.__dict__
+
+        @functools.wraps(inner)
+        def step(optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return inner(*args, **kwargs)
+            except BaseException:
+                self._depth = 0
+                if self.attached:
+                    self.engine.abort()
+                raise
+
+        # a bound method, as torch's LR schedulers expect of optimizer.step when they wrap it
+        self._step = types.MethodType(step, self.optimizer)
+        self._inner_step = inner
+        self.optimizer.step = self._step  # type: ignore[method-assign]
+
+    # torch runs an optimizer's step hooks once per hooked ``step`` in the call chain: a
+    # subclass whose step calls ``super().step()`` runs them twice, nested. Only the
+    # outermost pair is the step.
     def _before(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        closure = args[1] if len(args) > 1 else kwargs.get("closure")  # args[0] is the optimizer
-        self.engine.before_step(closure=closure is not None)
+        self._depth += 1
+        if self._depth == 1:
+            closure = args[1] if len(args) > 1 else kwargs.get("closure")  # args[0] is the optimizer
+            self.engine.before_step(closure=closure is not None)
 
     def _after(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self.engine.after_step()
+        self._depth -= 1
+        if self._depth == 0:
+            self.engine.after_step()
 
     @property
     def last_report(self) -> StepReport | None:
@@ -68,6 +104,11 @@ class GuardHandle:
             return
         self._pre.remove()
         self._post.remove()
+        if self.optimizer.__dict__.get("step") is self._step:
+            if self._had_instance_step:
+                self.optimizer.step = self._inner_step  # type: ignore[method-assign]
+            else:
+                del self.optimizer.step
         self.engine.close()
         self.attached = False
 

@@ -454,3 +454,52 @@ def test_an_applied_step_resets_the_veto_count() -> None:
     guard.engine.policy = policy
     guarded_step(guard, net, x, y)  # one veto after an applied step: no halt
     assert guard.counters["veto"] == 2
+
+
+class FailsOnceSGD(torch.optim.SGD):
+    """Updates the first parameter, then fails, on its first step only."""
+
+    failed = False
+
+    def step(self, closure: Callable | None = None):  # type: ignore[override]
+        if not self.failed:
+            self.failed = True
+            with torch.no_grad():
+                first = self.param_groups[0]["params"][0]
+                first.add_(first.grad, alpha=-1.0)
+            raise RuntimeError("inner optimizer failed half-way")
+        return super().step(closure)
+
+
+def test_a_failing_inner_step_is_rolled_back_through_attach() -> None:
+    net = make_net()
+    opt = FailsOnceSGD(net.parameters(), lr=0.1)
+    scheduler_before = torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+    handle = stepguard.attach(opt, net, policy="clip")
+    scheduler_after = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)  # wraps step again
+    x, y = data()
+    theta = params_of(net)
+    F.cross_entropy(net(x), y).backward()
+    with pytest.raises(RuntimeError, match="half-way"):
+        opt.step()
+    assert_params(net, theta)
+    report = (opt.step(), handle.last_report)[1]  # the same gradients, now a whole step
+    assert report.step == 0 and report.tau > 0
+    scheduler_before.step()
+    scheduler_after.step()
+    handle.detach()
+    F.cross_entropy(net(x), y).backward()
+    opt.step()  # detached: the wrapper the second scheduler wrapped is a pass-through now
+    assert handle.last_report is report
+
+
+def test_clip_without_a_state_copy_still_puts_the_parameters_back() -> None:
+    net = TupleNet()
+    guard = StepGuard(torch.optim.Adam(net.parameters(), lr=0.5), model=net, policy="clip",
+                      config=GuardConfig(restore_state_on_veto=False))
+    x, y = data()
+    theta = params_of(net)
+    F.cross_entropy(net(x)[0], y).backward()
+    with pytest.raises(TypeError, match="cannot find logits"):
+        guard.step()
+    assert_params(net, theta)
