@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 import sys
 from pathlib import Path
@@ -118,7 +119,7 @@ def test_missing_matplotlib_names_the_extra(tmp_path: Path, monkeypatch: pytest.
     summary = _write_summary(tmp_path)
     for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
         monkeypatch.setitem(sys.modules, name, None)
-    with pytest.raises(ImportError, match=r"pip install 'stepguard\[plot\]'"):
+    with pytest.raises(ImportError, match=re.escape("pip install -e '.[plot]'")):
         plot_demo(summary, tmp_path / "demo.png")
 
 
