@@ -239,6 +239,11 @@ METHODS: dict[str, Method] = {
             "StepGuard(AdamW, policy=warmup_clip_policy()): r ≤ 3 for 100 steps, then r ≤ 1",
             _guarded(warmup_clip_policy),
         ),
+        Method(
+            "stepguard-warmup10",
+            "StepGuard(AdamW, policy=warmup_clip_policy(1, 2, 10)): r ≤ 2 for 10 steps, then r ≤ 1",
+            _guarded(lambda: warmup_clip_policy(1.0, 2.0, 10)),
+        ),
     )
 }
 
@@ -797,7 +802,7 @@ def write_json(
 
 
 def load_runs(paths: Sequence[Path]) -> tuple[Settings, list[RunResult], float]:
-    """Settings (workloads joined in order), runs and summed wall time of comparison JSON files."""
+    """Settings (workloads and methods joined in order), runs and summed wall time of comparison files."""
     settings: Settings | None = None
     results: list[RunResult] = []
     wall = 0.0
@@ -809,8 +814,9 @@ def load_runs(paths: Sequence[Path]) -> tuple[Settings, list[RunResult], float]:
         if settings is None:
             settings = mine
         else:
-            joined = settings.workloads + tuple(w for w in mine.workloads if w not in settings.workloads)
-            settings = Settings(**{**asdict(settings), "workloads": joined})
+            workloads = settings.workloads + tuple(w for w in mine.workloads if w not in settings.workloads)
+            methods = settings.methods + tuple(m for m in mine.methods if m not in settings.methods)
+            settings = Settings(**{**asdict(settings), "workloads": workloads, "methods": methods})
         for row in payload["runs"]:
             row = {k: (float(v) if v in ("nan", "inf", "-inf") else v) for k, v in row.items()}
             results.append(RunResult(**row))
