@@ -3,8 +3,9 @@
 At the LR where plain AdamW does best, StepGuard's clip policy (r ≤ 1 on every step)
 ends a little worse than plain on the byte-level LM of ``stepguard compare``. This script
 trains plain AdamW under a ``monitor`` guard (which measures r and changes nothing), the
-``clip`` preset, ``ClipPolicy(target_r=2)`` and the candidate ``warmup_clip_policy()``
-(r ≤ 3 for the first 100 steps, then r ≤ 1) over a few seeds, and prints for each: the
+``clip`` preset and two warm-ups of its target (``warmup_clip_policy()``: r ≤ 3 for the
+first 100 steps, and ``warmup_clip_policy(1, 2, 10)``: r ≤ 2 for the first 10; then
+r ≤ 1) over a few seeds, and prints for each: the
 final validation loss (or test accuracy), its gap to plain, how many steps were clipped
 (and how many of them in the first 5 steps), and plain's r on its first 5 steps.
 
@@ -28,8 +29,8 @@ from stepguard.tools.compare_workloads import WORKLOADS, build_workload
 VARIANTS = {
     "plain (monitor)": lambda: "monitor",
     "clip (r<=1)": lambda: ClipPolicy(1.0),
-    "clip (r<=2)": lambda: ClipPolicy(2.0),
-    "clip-warmup": warmup_clip_policy,
+    "warmup 100 (r<=3)": warmup_clip_policy,
+    "warmup 10 (r<=2)": lambda: warmup_clip_policy(1.0, 2.0, 10),
 }
 
 
