@@ -16,11 +16,14 @@ In budget mode the interval is set from measured costs so that the guard's own t
 within ``budget`` × the time T the step takes without it (data, forward, backward,
 optimizer): with c_m the guard's cost on a measured step and c_0 on an unmeasured one,
 one measurement every N = ⌈(c_m − c_0) / (budget·T − c_0)⌉ steps (at most
-``max_interval``). A τ jump, a non-finite τ and an estimate near the boundary are
-measured whatever the budget says: a spike is measured on the step it happens. A turn
-of the direction is measured only out of saved credit: every step earns budget·T minus
-its modelled cost (c_0, or c_m when measured), and a turn triggers a measurement only
-while the credit covers one (c_m). The credit uses the modelled costs, which every rank
+``max_interval``). A τ jump and a non-finite τ (or estimate) are measured whatever the
+budget says: a spike is measured on the step it happens. An estimate near the boundary and a turn of the direction are measured only out of saved
+credit (early in training an estimate near the boundary can hold for hundreds of steps;
+measuring each of them would spend the budget many times over, while the estimate itself
+is already what the policy clips on): every step earns budget·T minus
+its modelled cost (c_0, or c_m when measured), and these two trigger a measurement only
+while the credit covers one (c_m). Without a budget (``measure_every``) every trigger
+measures at once. The credit uses the modelled costs, which every rank
 shares after the cross-rank reduction, so ranks agree on every decision to measure.
 """
 
@@ -38,7 +41,8 @@ class MeasurementSchedule:
         every: measure every this many steps (without a budget).
         budget: target fraction of the step time spent in the guard (None: no budget).
         tau_jump: ratio of τ to τ_ref beyond which a measurement is forced.
-        r_alert: an estimated r at or above this forces a measurement.
+        r_alert: an estimated r at or above this asks for a measurement (in budget mode,
+            out of saved credit).
         min_cosine: a direction cosine below this forces a measurement.
         max_interval: the longest run of estimated steps.
     """
@@ -83,7 +87,9 @@ class MeasurementSchedule:
                 return True, "tau_jump"
         elif tau is not None and tau > 0:
             return True, "tau_jump"  # the last measured step did not move at all
-        if r_estimate >= self.r_alert or math.isnan(r_estimate):
+        if math.isnan(r_estimate):
+            return True, "r_alert"
+        if r_estimate >= self.r_alert and self._affordable():
             return True, "r_alert"
         if cosine is not None and cosine < self.min_cosine and self._affordable():
             return True, "direction"

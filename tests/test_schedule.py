@@ -57,14 +57,17 @@ def test_a_turn_is_measured_only_out_of_saved_budget_credit() -> None:
     assert s.credit == pytest.approx(0.001)
     assert s.due(*turned) == (False, "estimate")
     assert s.due(2.0, 0.1, 0.2) == (True, "tau_jump")  # a jump never waits for credit
-    assert s.due(1.0, 0.7, 0.2) == (True, "r_alert")
+    assert s.due(1.0, 0.7, 0.99) == (False, "estimate")  # near the boundary: out of credit only
+    assert s.due(1.0, math.nan, 0.99) == (True, "r_alert")  # an estimate that failed never waits
     s.interval = 1000  # as if the schedule were far away
     for _ in range(100):
         s.skipped()
     assert s.credit == pytest.approx(2 * 0.004)  # saved credit is capped at two measurements
+    assert s.due(1.0, 0.7, 0.99) == (True, "r_alert")  # with credit saved, it is measured
     unbudgeted = MeasurementSchedule(every=8)
     unbudgeted.measured(tau=1.0)
     assert unbudgeted.due(*turned) == (True, "direction")
+    assert unbudgeted.due(1.0, 0.7, 0.99) == (True, "r_alert")
 
 
 def test_budget_interval_from_costs() -> None:
@@ -202,3 +205,28 @@ def test_cost_meter_averages_clips_outliers_and_plans_with_reduced_costs() -> No
     assert {k: v.item() for k, v in tensors.items()} == {
         "cost_measure": meter.measure, "cost_idle": 0.001, "cost_period": meter.plain
     }
+
+
+def test_an_estimate_near_the_boundary_for_hundreds_of_steps_keeps_the_budget() -> None:
+    """Early training can sit at r ≥ r_alert for hundreds of steps; the budget still holds,
+    and a spike is still measured on its own step."""
+    c_m, c_0, period, budget, steps = 0.004, 0.0002, 0.01, 0.1, 200
+    s = MeasurementSchedule(budget=budget)
+    s.measured(tau=1.0)
+    s.set_costs(measure=c_m, idle=c_0, period=period)
+    measured = spikes_missed = 0
+    for step in range(steps):
+        spike = step in (50, 120)
+        tau = 1000.0 if spike else 1.0
+        due, _ = s.due(tau, 0.8 * tau, 0.99)  # the estimate sits above r_alert = 0.5 throughout
+        spikes_missed += spike and not due
+        if due:
+            measured += 1
+            s.measured(tau=tau)
+        else:
+            s.skipped()
+        if spike:  # the step after a spike is a τ jump back down: measured too
+            s.tau_ref = 1.0
+    guard_time = measured * c_m + (steps - measured) * c_0
+    assert spikes_missed == 0
+    assert guard_time <= (budget + 0.05) * period * steps
