@@ -7,7 +7,10 @@ Formats read:
   module (``unsafe=True`` only);
 * ``*.ckpt`` (PyTorch Lightning): the ``state_dict`` entry, whose keys carry the
   LightningModule's attribute prefix (``model.``), detected and stripped;
-* ``*.safetensors``: read with the ``safetensors`` package (``pip install 'stepguard[analyze]'``).
+* ``*.safetensors``: read with the ``safetensors`` package (``pip install 'stepguard[analyze]'``);
+* a ``torch.distributed.checkpoint`` (DCP) directory, the format FSDP2 runs save (a directory
+  holding a ``.metadata`` file): its tensors are read whole into this one process, whatever
+  the number of ranks that wrote it; the model is found under the same keys as in a file.
 
 Key prefixes such as ``model.`` (Lightning), ``module.`` (DistributedDataParallel) and
 ``_orig_mod.`` (``torch.compile``) are detected by matching the keys against the model's.
@@ -15,7 +18,9 @@ Key prefixes such as ``model.`` (Lightning), ``module.`` (DistributedDataParalle
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +33,7 @@ from torch import Tensor, nn
 from stepguard.analysis.errors import AnalysisError, CheckpointError, NoCheckpointsError
 
 SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
+DCP_METADATA = ".metadata"
 CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "module")
 PREFERRED_PREFIXES = ("model.", "module.", "_orig_mod.", "model.module.", "module._orig_mod.")
 _STEP_PATTERN = re.compile(r"(?:global_step|step|iteration|iter|it)[=_\-]?(\d+)", re.IGNORECASE)
@@ -56,6 +62,11 @@ class CheckpointFile:
 
     path: Path
     step: int
+
+    @property
+    def is_dcp(self) -> bool:
+        """Whether the checkpoint is a ``torch.distributed.checkpoint`` directory."""
+        return is_dcp_checkpoint(self.path)
 
     @property
     def name(self) -> str:
@@ -102,7 +113,7 @@ def step_from_name(name: str) -> int | None:
 
 
 def discover(directory: str | os.PathLike[str]) -> list[CheckpointFile]:
-    """The checkpoint files directly in ``directory``, ordered by step.
+    """The checkpoint files (and DCP directories) directly in ``directory``, ordered by step.
 
     Files whose name holds no number (Lightning's ``last.ckpt``, a copy of the newest) are
     left out when the others are numbered; when none is numbered, the files are taken in
@@ -115,9 +126,20 @@ def discover(directory: str | os.PathLike[str]) -> list[CheckpointFile]:
     root = Path(directory)
     if not root.is_dir():
         raise NoCheckpointsError(f"checkpoint directory {root} does not exist or is not a directory")
-    files = [p for p in root.iterdir() if p.is_file() and p.name.lower().endswith(SUFFIXES)]
+    if is_dcp_checkpoint(root):
+        raise NoCheckpointsError(
+            f"{root} is one torch.distributed.checkpoint (it holds {DCP_METADATA}): give the directory "
+            "that holds the run's checkpoint directories, or list them with --checkpoints"
+        )
+    files = [
+        p for p in root.iterdir()
+        if (p.is_file() and p.name.lower().endswith(SUFFIXES)) or is_dcp_checkpoint(p)
+    ]
     if not files:
-        raise NoCheckpointsError(f"no checkpoints in {root}: expected files ending in {', '.join(SUFFIXES)}")
+        raise NoCheckpointsError(
+            f"no checkpoints in {root}: expected files ending in {', '.join(SUFFIXES)} or "
+            f"torch.distributed.checkpoint directories (holding {DCP_METADATA})"
+        )
     numbered = [p for p in files if step_from_name(p.name) is not None]
     if not numbered:
         ordered = sorted(files, key=lambda p: natural_key(p.name))
@@ -167,8 +189,8 @@ def read_file(path: str | os.PathLike[str], *, unsafe: bool = False) -> Any:
     """The object stored in a checkpoint file (CPU tensors).
 
     Args:
-        path: the file (``.safetensors`` is read with ``safetensors``, anything else with
-            ``torch.load``).
+        path: the file (``.safetensors`` is read with ``safetensors``, a DCP directory with
+            :func:`read_dcp`, anything else with ``torch.load``).
         unsafe: allow arbitrary pickled objects (``weights_only=False``): only for files you trust.
 
     Raises:
@@ -176,6 +198,12 @@ def read_file(path: str | os.PathLike[str], *, unsafe: bool = False) -> Any:
     """
     path = Path(path)
     where = str(path)
+    if is_dcp_checkpoint(path):
+        return read_dcp(path, unsafe=unsafe)
+    if path.is_dir():
+        raise CheckpointError(
+            where, f"a directory, but not a torch.distributed.checkpoint (no {DCP_METADATA} in it)"
+        )
     if not path.is_file():
         raise CheckpointError(where, "no such file")
     if path.name.lower().endswith(".safetensors"):
@@ -196,6 +224,92 @@ def read_file(path: str | os.PathLike[str], *, unsafe: bool = False) -> Any:
         if refusal is not None:
             raise CheckpointError(where, refusal) from exc
         raise CheckpointError(where, f"corrupt or not a PyTorch checkpoint ({_describe(exc)})") from exc
+
+
+def is_dcp_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a ``torch.distributed.checkpoint`` directory (it holds ``.metadata``)."""
+    return Path(path).is_dir() and (Path(path) / DCP_METADATA).is_file()
+
+
+_DCP_SAFE_GLOBALS = {
+    "torch": {"Size"} | {n for n in dir(torch) if isinstance(getattr(torch, n, None), torch.dtype)},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A ``.metadata`` pickle names a global outside DCP's own classes."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a DCP ``.metadata`` file, allowing only the classes that describe a checkpoint."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        dcp_module = module.startswith("torch.distributed.checkpoint.") and not name.startswith("__")
+        if dcp_module or name in _DCP_SAFE_GLOBALS.get(module, ()):
+            return super().find_class(module, name)
+        raise _RefusedGlobal(f"global {module}.{name} is not allowed")
+
+
+def _dcp_metadata(path: Path, unsafe: bool) -> Any:
+    data = (path / DCP_METADATA).read_bytes()
+    try:
+        return pickle.loads(data) if unsafe else _MetadataUnpickler(io.BytesIO(data)).load()
+    except _RefusedGlobal as exc:
+        raise CheckpointError(
+            str(path),
+            f"its {DCP_METADATA} holds Python objects that a safe read refuses ({exc}); if you trust "
+            f"the checkpoint, pass {UNSAFE_FLAG} (loading it runs the file's pickled code)",
+        ) from exc
+    except Exception as exc:
+        raise CheckpointError(str(path), f"corrupt {DCP_METADATA} ({_describe(exc)})") from exc
+
+
+def read_dcp(path: str | os.PathLike[str], *, unsafe: bool = False) -> dict[str, Any]:
+    """The tensors of a ``torch.distributed.checkpoint`` directory, whole, in this process.
+
+    Every rank's shards are read and put together (no process group is needed), and the
+    result is nested as it was saved (``{"model": {...}, "optim": {...}}``). Only tensors are
+    read unless ``unsafe``: DCP stores other values as pickles that a full ``torch.load``
+    would run; the ``.metadata`` index is itself a pickle, read allowing only DCP's own
+    classes.
+
+    Raises:
+        CheckpointError: the directory is not a readable DCP checkpoint.
+    """
+    path = Path(path)
+    where = str(path)
+    try:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+    except ImportError as exc:  # pragma: no cover - torch built without torch.distributed
+        raise CheckpointError(
+            where, f"reading a DCP checkpoint needs torch.distributed ({_describe(exc)})"
+        ) from exc
+    metadata = _dcp_metadata(path, unsafe)
+    entries = getattr(metadata, "state_dict_metadata", None)
+    if not isinstance(entries, Mapping):
+        raise CheckpointError(where, f"its {DCP_METADATA} is not a DCP index")
+    keys = set(entries) if unsafe else {k for k, v in entries.items() if isinstance(v, TensorStorageMetadata)}
+    if not keys:
+        raise CheckpointError(where, "a DCP checkpoint that holds no tensors")
+
+    class _Reader(dcp.FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            return metadata
+
+    state: dict[str, Any] = {}
+    try:
+        # what torch.distributed.checkpoint.format_utils.dcp_to_torch_save does, in memory
+        planner = _EmptyStateDictLoadPlanner(keys=keys)
+        _load_state_dict(state, storage_reader=_Reader(str(path)), planner=planner, no_dist=True)
+    except Exception as exc:
+        raise CheckpointError(where, f"not a readable DCP checkpoint ({_describe(exc)})") from exc
+    return state
 
 
 def weights_only_refusal(message: str) -> str | None:

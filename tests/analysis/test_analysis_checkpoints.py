@@ -6,6 +6,7 @@ import collections
 import pickle
 import sys
 import types
+import warnings
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from stepguard.analysis import (
     natural_key,
     step_from_name,
 )
-from stepguard.analysis.checkpoints import AnalysisError, from_list, match_state_dict
+from stepguard.analysis.checkpoints import AnalysisError, from_list, match_state_dict, read_file
 
 
 def _touch(directory, *names):
@@ -267,3 +268,55 @@ def test_buffers_are_part_of_the_state(tmp_path) -> None:
     )
     assert torch.equal(loaded.state["1.running_mean"], torch.full((8,), 3.0))
     assert "1.num_batches_tracked" in loaded.state
+
+
+# ---------------------------------------------------------------- torch.distributed.checkpoint
+
+
+def _dcp_save(state: dict, directory) -> None:
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process"
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(state, checkpoint_id=str(directory))
+
+
+def test_dcp_directories_are_discovered_by_step_and_read_whole(tmp_path, net) -> None:
+    opt = torch.optim.Adam(net.parameters())
+    net(torch.randn(3, 64)).sum().backward()
+    opt.step()
+    for step in (20, 3):
+        _dcp_save({"model": net.state_dict(), "optim": opt.state_dict(), "step": step}, tmp_path / f"step_{step}")
+    (tmp_path / "not_a_checkpoint").mkdir()  # a directory without .metadata is not one
+    found = discover(tmp_path)
+    assert [(c.name, c.step, c.is_dcp) for c in found] == [("step_3", 3, True), ("step_20", 20, True)]
+    loaded = load_state(found[0].path, small_mlp())
+    _same(loaded.state, net)
+    assert loaded.source == "'model'"
+    with pytest.raises(CheckpointError, match=r"not_a_checkpoint: a directory, but not a torch\.distributed\.checkpoint"):
+        load_state(tmp_path / "not_a_checkpoint", small_mlp())
+    with pytest.raises(NoCheckpointsError, match=r"step_3 is one torch\.distributed\.checkpoint"):
+        discover(tmp_path / "step_3")
+
+
+def test_dcp_reads_only_tensors_unless_unsafe(tmp_path, net) -> None:
+    _dcp_save({"model": net.state_dict(), "note": {"epoch": 4}}, tmp_path / "ckpt")
+    assert set(read_file(tmp_path / "ckpt")) == {"model"}
+    assert read_file(tmp_path / "ckpt", unsafe=True)["note"] == {"epoch": 4}
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("ran",))
+
+
+def test_dcp_metadata_with_foreign_objects_is_refused_without_unsafe(tmp_path, net) -> None:
+    _dcp_save({"model": net.state_dict()}, tmp_path / "ckpt")
+    meta = tmp_path / "ckpt" / ".metadata"
+    index = pickle.loads(meta.read_bytes())
+    index.storage_meta = _Payload()
+    meta.write_bytes(pickle.dumps(index))
+    with pytest.raises(CheckpointError, match=r"global builtins\.print is not allowed\); .*pass --unsafe-load"):
+        load_state(tmp_path / "ckpt", small_mlp())
+    meta.write_bytes(b"\x80\x04junk")
+    with pytest.raises(CheckpointError, match=r"ckpt: corrupt \.metadata"):
+        load_state(tmp_path / "ckpt", small_mlp())
