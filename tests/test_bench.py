@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from stepguard.cli import main as cli_main
-from stepguard.tools import bench
+from stepguard.tools import bench, bench_models
 from stepguard.tools.bench import BenchSettings, format_table, run_bench, write_json
 from stepguard.tools.bench_models import builtin_workload, user_workload
 
@@ -281,5 +281,74 @@ def test_no_diagnostics_reaches_every_timed_guard() -> None:
     assert [v.diagnostics for v in variants if v.guarded] == [False] * (len(variants) - 1)
     net = torch.nn.Linear(3, 2)
     for budget in (None, 0.1):
-        guard = bench.make_guard(torch.optim.SGD(net.parameters(), lr=0.1), net, budget=budget, diagnostics=False)
+        guard = bench.make_guard(
+            torch.optim.SGD(net.parameters(), lr=0.1), net, budget=budget, diagnostics=False
+        )
         assert guard.config.diagnostics is False and guard.config.budget == budget
+
+
+# ---------------------------------------------------------------- the Hugging Face Llamas, reduced
+
+TINY_LLAMA = bench_models.LlamaSpec(vocab=97, batch_size=2, length=8, hidden=32, heads=4, intermediate=64)
+
+
+@pytest.fixture
+def tiny_llamas(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("transformers")
+    for name in ("llama32k", "llama128k"):
+        monkeypatch.setitem(bench_models.LLAMAS, name, TINY_LLAMA)
+
+
+def test_llama_workload_in_reduced_form(tiny_llamas: None) -> None:
+    settings = BenchSettings(
+        models=("llama32k",),
+        policy="clip",
+        steps=1,
+        rounds=2,
+        warmup=1,
+        every=(1,),
+        memory_steps=1,
+        first_steps=3,
+    )
+    result = run_bench(settings)
+    (entry,) = result["models"]
+    assert entry["name"] == "llama32k" and "vocab 97" in entry["description"]
+    assert [row["variant"] for row in entry["variants"]] == ["every 1", "budget 0.1"]
+    assert entry["variants"][0]["estimators"] == {"jvp": 2}  # forward-mode rules, not a fallback
+    memory = entry["memory"]
+    assert "error" not in memory, memory.get("error")
+    assert set(memory["variants"]) == {"plain", "monitor", "veto", "clip"}
+    assert memory["logits_bytes"] == 2 * 8 * 97 * 4
+    clip = memory["variants"]["clip"]
+    assert clip["extra_peak_logits"] == pytest.approx(clip["extra_peak_bytes"] / memory["logits_bytes"])
+    assert clip["extra_resident_param_copies"] >= 1  # θ₀ at least
+    first = entry["first_steps"]
+    assert first["steps"] == 3 and first["target"] == pytest.approx(1.15)
+    assert first["ratio"] == pytest.approx(first["budget_s"] / first["plain_s"])
+    assert 1 <= first["measured_steps"] <= 3  # the first step is always measured
+    table = format_table(result)
+    assert "logits)" in table and "over the first 3 steps" in table and "clip" in table
+
+
+def test_llama_without_transformers_is_unavailable_not_a_crash(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "transformers", None)  # find_spec then reports it missing
+    with pytest.raises(bench_models.WorkloadUnavailable, match=r"transformers.*\.\[transformers\]"):
+        builtin_workload("llama32k")
+    argv = ["bench", "--models", "llama32k,llama128k", "--quiet", "--no-memory"]
+    assert cli_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("unavailable") == 2 and "pip install" in printed
+
+
+def test_llamas_are_opt_in() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    assert bench.settings_from_args(parser.parse_args([])).models == ("mlp", "cnn", "lm")
+    chosen = bench.settings_from_args(parser.parse_args(["--models", "llama32k,llama128k"]))
+    assert chosen.models == ("llama32k", "llama128k")
+    with pytest.raises(ValueError, match="first_steps"):
+        BenchSettings(first_steps=10, budget=None)

@@ -70,7 +70,14 @@ from torch import nn
 from stepguard.config import GuardConfig
 from stepguard.guard import StepGuard
 from stepguard.report import StepReport, json_ready
-from stepguard.tools.bench_models import BUILTIN, Workload, builtin_workload, user_workload
+from stepguard.tools.bench_models import (
+    BUILTIN,
+    DEFAULT_MODELS,
+    Workload,
+    WorkloadUnavailable,
+    builtin_workload,
+    user_workload,
+)
 
 #: The overhead targets the benchmark reports against (ratios to a plain Adam step).
 TARGETS = {"every_1_ratio_max": 2.3, "budget_ratio_max": 1.10}
@@ -83,7 +90,8 @@ class BenchSettings:
     """What ``stepguard bench`` runs (the CLI flags).
 
     Attributes:
-        models: built-in workloads to run (``"mlp"``, ``"cnn"``, ``"lm"``).
+        models: built-in workloads to run (``"mlp"``, ``"cnn"``, ``"lm"``, ``"llama32k"``,
+            ``"llama128k"``).
         user_model: ``"pkg.module:factory"`` of a user's model, run first.
         input_shape: per-sample input shape of the user's model (random inputs).
         classes: number of classes of the random targets (default: the output's last dim).
@@ -101,12 +109,14 @@ class BenchSettings:
         device: ``"cpu"`` or ``"cuda"``.
         memory: also measure memory.
         memory_steps: steps of each memory run.
+        first_steps: also time the first this many steps of a fresh budget-mode guard
+            against a fresh plain run (0: skip), set-up and first replay included.
         sink: ``"none"`` or ``"jsonl"`` (a JSON-lines sink in a temporary folder).
         lr: Adam's learning rate.
         seed: seed of the weights and batches.
     """
 
-    models: tuple[str, ...] = BUILTIN
+    models: tuple[str, ...] = DEFAULT_MODELS
     user_model: str | None = None
     input_shape: tuple[int, ...] | None = None
     classes: int | None = None
@@ -124,6 +134,7 @@ class BenchSettings:
     device: str = "cpu"
     memory: bool = True
     memory_steps: int = 3
+    first_steps: int = 0
     sink: str = "none"
     lr: float = 1e-3
     seed: int = 0
@@ -140,6 +151,10 @@ class BenchSettings:
             raise ValueError(f"budget must lie in (0, 1), got {self.budget}")
         if self.steps < 1 or self.rounds < 1 or self.warmup < 0 or self.memory_steps < 1:
             raise ValueError("need steps >= 1, rounds >= 1, warmup >= 0 and memory_steps >= 1")
+        if self.first_steps < 0:
+            raise ValueError(f"first_steps must be >= 0, got {self.first_steps}")
+        if self.first_steps and self.budget is None:
+            raise ValueError("first_steps times budget mode: give a budget (not --no-budget)")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.sink not in ("none", "jsonl"):
@@ -488,12 +503,13 @@ def _cuda_allocations(run: Callable[[], Any], device: torch.device) -> tuple[int
 
 
 def measure_memory(workload: Workload, settings: BenchSettings, device: torch.device) -> dict[str, Any]:
-    """Peak and resident bytes of plain, ``monitor`` and ``veto`` training; see the module docstring."""
-    variants = [
-        Variant("plain", guarded=False),
-        Variant("monitor", True, policy="monitor"),
-        Variant("veto", True, policy="veto"),
-    ]
+    """Peak and resident bytes of plain, ``monitor``, ``veto`` (and ``settings.policy``) training.
+
+    See the module docstring. Extra bytes are also given in parameter copies and, for a
+    sequence model (``workload.logits_bytes``), in logits-sized tensors.
+    """
+    variants = [Variant("plain", guarded=False)]
+    variants += [Variant(p, True, policy=p) for p in _memory_policies(settings.policy)]
     method = (
         "torch.cuda.max_memory_allocated / memory_allocated"
         if device.type == "cuda"
@@ -527,7 +543,8 @@ def measure_memory(workload: Workload, settings: BenchSettings, device: torch.de
         }
     plain = out["variants"]["plain"]
     out["parameter_bytes"] = param_bytes
-    for name in ("monitor", "veto"):
+    out["logits_bytes"] = workload.logits_bytes
+    for name in _memory_policies(settings.policy):
         row = out["variants"][name]
         row["peak_ratio"] = row["peak_bytes"] / plain["peak_bytes"] if plain["peak_bytes"] else math.nan
         row["extra_peak_bytes"] = row["peak_bytes"] - plain["peak_bytes"]
@@ -535,7 +552,66 @@ def measure_memory(workload: Workload, settings: BenchSettings, device: torch.de
         row["extra_transient_bytes"] = row["transient_bytes"] - plain["transient_bytes"]
         for key in ("extra_peak", "extra_resident", "extra_transient"):
             row[f"{key}_param_copies"] = row[f"{key}_bytes"] / param_bytes if param_bytes else math.nan
+            if workload.logits_bytes:
+                row[f"{key}_logits"] = row[f"{key}_bytes"] / workload.logits_bytes
     return out
+
+
+def _memory_policies(policy: str) -> tuple[str, ...]:
+    """``monitor`` and ``veto``, and the timed guards' policy when it is neither."""
+    return ("monitor", "veto") if policy in ("monitor", "veto") else ("monitor", "veto", policy)
+
+
+# ---------------------------------------------------------------- budget mode from the first step
+
+
+def time_first_steps(
+    workload: Workload, settings: BenchSettings, device: torch.device, chunk: int = 10
+) -> dict[str, Any]:
+    """The first ``settings.first_steps`` steps of a fresh budget-mode guard against a fresh plain run.
+
+    No warm-up: the guard's set-up, its first replay and the budget's learning of the
+    step's costs all count, as they do at the start of a user's run. The two runs
+    alternate in chunks of ``chunk`` steps so that a drift of the machine hits both.
+    """
+    variants = [
+        Variant("plain", guarded=False),
+        Variant(
+            f"budget {settings.budget:g}",
+            True,
+            budget=settings.budget,
+            policy=settings.policy,
+            diagnostics=settings.diagnostics,
+        ),
+    ]
+    seconds = [0.0, 0.0]
+    runners = [Runner(workload, v, lr=settings.lr, seed=settings.seed, device=device) for v in variants]
+    runners[1].set_recording(True)
+    try:
+        done = 0
+        while done < settings.first_steps:
+            n = min(chunk, settings.first_steps - done)
+            for index, runner in enumerate(runners):
+                _sync(device)
+                start = time.perf_counter()
+                for _ in range(n):
+                    runner.step()
+                _sync(device)
+                seconds[index] += time.perf_counter() - start
+            done += n
+    finally:
+        for runner in runners:
+            runner.close()
+    guarded = runners[1]
+    return {
+        "steps": settings.first_steps,
+        "budget": settings.budget,
+        "plain_s": seconds[0],
+        "budget_s": seconds[1],
+        "ratio": seconds[1] / seconds[0],
+        "target": 1 + settings.budget + 0.05 if settings.budget is not None else math.nan,
+        "measured_steps": guarded.measured_steps,
+    }
 
 
 # ---------------------------------------------------------------- profile
@@ -589,9 +665,12 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def workloads_for(settings: BenchSettings) -> list[Workload]:
-    """The user's workload (when given) followed by the built-in ones."""
-    loads = []
+def workloads_for(settings: BenchSettings) -> list[Workload | tuple[str, str]]:
+    """The user's workload (when given) followed by the built-in ones.
+
+    A built-in workload whose package is missing comes as ``(name, why)`` instead.
+    """
+    loads: list[Workload | tuple[str, str]] = []
     if settings.user_model:
         loads.append(
             user_workload(
@@ -604,9 +683,11 @@ def workloads_for(settings: BenchSettings) -> list[Workload]:
                 seed=settings.seed,
             )
         )
-    loads += [
-        builtin_workload(m, batch_size=settings.batch_size, seed=settings.seed) for m in settings.models
-    ]
+    for name in settings.models:
+        try:
+            loads.append(builtin_workload(name, batch_size=settings.batch_size, seed=settings.seed))
+        except WorkloadUnavailable as exc:
+            loads.append((name, str(exc)))
     return loads
 
 
@@ -645,21 +726,40 @@ def run_bench(
             "targets": dict(TARGETS),
             "models": [],
         }
+        available = []
         for workload in workloads_for(settings):
-            say(f"timing {workload.name}: {workload.description}")
-            workload = workload.to(device)
-            entry = time_workload(workload, settings, device, sink_dir)
-            if settings.memory:
-                say(f"memory {workload.name}")
-                entry["memory"] = measure_memory(workload, settings, device)
-            result["models"].append(entry)
-        if profile_steps:
-            workload = workloads_for(settings)[0].to(device)
+            if isinstance(workload, tuple):
+                say(f"{workload[0]} unavailable: {workload[1]}")
+                result["models"].append({"name": workload[0], "unavailable": workload[1]})
+                continue
+            available.append(workload)
+            result["models"].append(_bench_one(workload.to(device), settings, device, sink_dir, say))
+        if profile_steps and available:
+            workload = available[0].to(device)
             say(f"profiling {profile_steps} guarded steps of {workload.name}")
             result["profile"] = profile_guard(workload, settings, device, profile_steps)
         with contextlib.suppress(OSError, AttributeError):
             result["machine"]["load_average_after"] = list(os.getloadavg())
     return result
+
+
+def _bench_one(
+    workload: Workload,
+    settings: BenchSettings,
+    device: torch.device,
+    sink_dir: Path | None,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """Timing, then (as settings ask) memory and budget mode from the first step, of one workload."""
+    say(f"timing {workload.name}: {workload.description}")
+    entry = time_workload(workload, settings, device, sink_dir)
+    if settings.memory:
+        say(f"memory {workload.name}")
+        entry["memory"] = measure_memory(workload, settings, device)
+    if settings.first_steps:
+        say(f"first {settings.first_steps} steps of {workload.name} in budget mode")
+        entry["first_steps"] = time_first_steps(workload, settings, device)
+    return entry
 
 
 # ---------------------------------------------------------------- output
@@ -682,6 +782,9 @@ def format_table(result: Mapping[str, Any]) -> str:
         "[min-max] of the per-round ratios",
     ]
     for entry in result["models"]:
+        if "unavailable" in entry:
+            lines += ["", f"{entry['name']}: unavailable: {entry['unavailable']}"]
+            continue
         lines += ["", f"{entry['name']}: {entry['description']} ({entry['parameters']:,} parameters)"]
         plain = entry["plain"]["step_ms"]
         lines.append(
@@ -705,28 +808,42 @@ def format_table(result: Mapping[str, Any]) -> str:
                 f"{row['split_ms'].get(k, 0.0):{w}.3f}" for k, w in zip(keys, widths, strict=True)
             )
             lines.append(f"  {row['variant']:<12}{cells}")
-        memory = entry.get("memory")
-        if memory:
-            lines.append(f"  memory ({memory['method']}, {memory.get('steps', '?')} steps):")
-            if "error" in memory:
-                lines.append(f"    not measured: {memory['error']}")
-            else:
-                pv = memory["variants"]["plain"]
-                lines.append(
-                    f"    {'plain':<8} peak {_mb(pv['peak_bytes'])}, resident {_mb(pv['resident_bytes'])}; "
-                    f"parameters {_mb(memory['parameter_bytes'])} (= 1 copy)"
-                )
-                for name in ("monitor", "veto"):
-                    v = memory["variants"][name]
-                    lines.append(
-                        f"    {name:<8} peak {_mb(v['peak_bytes'])} ({v['peak_ratio']:.2f}x plain): "
-                        f"+{v['extra_resident_param_copies']:.2f} copies resident, "
-                        f"+{v['extra_transient_param_copies']:.2f} copies transient, "
-                        f"+{v['extra_peak_param_copies']:.2f} copies at peak"
-                    )
+        if entry.get("memory"):
+            lines += _memory_lines(entry["memory"])
+        first = entry.get("first_steps")
+        if first:
+            lines.append(
+                f"  budget {first['budget']:g} over the first {first['steps']} steps (no warm-up): "
+                f"{first['ratio']:.2f}x plain ({first['budget_s']:.1f} s / {first['plain_s']:.1f} s), "
+                f"{first['measured_steps']} measured; target <= {first['target']:.2f}x"
+            )
     if result.get("profile"):
         lines += ["", "cProfile of guarded steps (measure every step):", result["profile"]]
     return "\n".join(lines)
+
+
+def _memory_lines(memory: Mapping[str, Any]) -> list[str]:
+    lines = [f"  memory ({memory['method']}, {memory.get('steps', '?')} steps):"]
+    if "error" in memory:
+        return [*lines, f"    not measured: {memory['error']}"]
+    pv = memory["variants"]["plain"]
+    logits = memory.get("logits_bytes")
+    lines.append(
+        f"    {'plain':<8} peak {_mb(pv['peak_bytes'])}, resident {_mb(pv['resident_bytes'])}; "
+        f"parameters {_mb(memory['parameter_bytes'])} (= 1 copy)"
+        + (f"; logits {_mb(logits)} (= 1 logits)" if logits else "")
+    )
+    for name, v in memory["variants"].items():
+        if name == "plain":
+            continue
+        at_peak = f"+{v['extra_peak_param_copies']:.2f} copies at peak ({_mb(v['extra_peak_bytes'])}"
+        at_peak += f" = {v['extra_peak_logits']:.2f} logits)" if logits else ")"
+        lines.append(
+            f"    {name:<8} peak {_mb(v['peak_bytes'])} ({v['peak_ratio']:.2f}x plain): "
+            f"+{v['extra_resident_param_copies']:.2f} copies resident, "
+            f"+{v['extra_transient_param_copies']:.2f} copies transient, {at_peak}"
+        )
+    return lines
 
 
 def _load(machine: Mapping[str, Any]) -> str:
@@ -775,7 +892,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_names,
         default=None,
         help=f"built-in models, comma-separated, from {','.join(BUILTIN)} "
-        "(default: all three, or none when --model is given)",
+        f"(default: {','.join(DEFAULT_MODELS)}, or none when --model is given; the Llamas "
+        "need the transformers extra)",
     )
     what.add_argument(
         "--model", metavar="PKG.MODULE:FACTORY", help="your model: a factory called with no arguments"
@@ -808,6 +926,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     how.add_argument("--device", default=d.device, help="cpu or cuda (default cpu)")
     how.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     how.add_argument(
+        "--memory-steps", type=int, default=d.memory_steps, help="steps of each memory run (default 3)"
+    )
+    how.add_argument(
+        "--first-steps",
+        type=int,
+        default=d.first_steps,
+        metavar="N",
+        help="also time budget mode over the first N steps of a fresh guard, no warm-up (default 0: skip)",
+    )
+    how.add_argument(
         "--sink", choices=("none", "jsonl"), default=d.sink, help="give the guards a JSON-lines sink"
     )
     how.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (default 1e-3)")
@@ -822,7 +950,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     """:class:`BenchSettings` from parsed :func:`add_arguments` flags."""
-    models = args.models if args.models is not None else (() if args.model else BUILTIN)
+    models = args.models if args.models is not None else (() if args.model else DEFAULT_MODELS)
     if args.model is None and (args.input_shape or args.data or args.vocab or args.classes):
         raise ValueError("--input-shape, --data, --vocab and --classes describe a --model; give one")
     return BenchSettings(
@@ -843,6 +971,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         threads=args.threads or None,
         device=args.device,
         memory=not args.no_memory,
+        memory_steps=args.memory_steps,
+        first_steps=args.first_steps,
         sink=args.sink,
         lr=args.lr,
         seed=args.seed,

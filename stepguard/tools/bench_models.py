@@ -13,7 +13,12 @@ timed) and the loss. Built-in workloads:
 * ``lm`` — a small causal transformer language model (2 pre-norm blocks, width 64,
   4 heads, dropout 0.1, vocabulary 64) on synthetic token sequences of length 32,
   batch 16, whose tail positions are padding: their targets are ``-100`` and they do
-  not count, neither in the loss nor in the guard's spread.
+  not count, neither in the loss nor in the guard's spread;
+* ``llama32k`` and ``llama128k`` — a Hugging Face ``LlamaForCausalLM`` built from a
+  config (no download: hidden 256, 2 layers, 4 heads, MLP 512, untied head, eager
+  attention) at a realistic vocabulary, 32,000 (batch 8 × 128 tokens) and 128,000
+  (batch 4 × 128 tokens), on uniformly random tokens. They need the ``transformers``
+  extra; without it they raise :class:`WorkloadUnavailable` naming the install command.
 
 A user's model (``--model pkg.module:factory`` or ``file.py:factory``, resolved as the
 analyzer resolves it) gets random inputs of ``--input-shape``
@@ -36,7 +41,33 @@ from torch import Tensor, nn
 from stepguard.datasets import load_digits
 
 IGNORE_INDEX = -100
-BUILTIN = ("mlp", "cnn", "lm")
+
+
+@dataclass(frozen=True)
+class LlamaSpec:
+    """The shape of a benchmarked Llama: its vocabulary and one batch of token sequences."""
+
+    vocab: int
+    batch_size: int
+    length: int = 128
+    hidden: int = 256
+    layers: int = 2
+    heads: int = 4
+    intermediate: int = 512
+
+
+#: The Hugging Face Llama workloads by name (tests swap in tiny shapes).
+LLAMAS: dict[str, LlamaSpec] = {
+    "llama32k": LlamaSpec(vocab=32_000, batch_size=8),
+    "llama128k": LlamaSpec(vocab=128_000, batch_size=4),
+}
+BUILTIN = ("mlp", "cnn", "lm", *LLAMAS)
+#: What ``stepguard bench`` runs when no model is named (the Llamas are opt-in: they are slow).
+DEFAULT_MODELS = ("mlp", "cnn", "lm")
+
+
+class WorkloadUnavailable(RuntimeError):
+    """A built-in workload needs a package that is not installed; the message says how to get it."""
 
 
 @dataclass
@@ -85,6 +116,8 @@ class Workload:
         factory: builds a fresh network (called under a fixed seed).
         batches: a pool of batches the steps cycle through.
         loss_fn: ``loss_fn(output, targets)`` → scalar loss.
+        logits_bytes: bytes of one batch's logits in the training dtype (None: not a
+            sequence model); the memory report counts extra bytes in these units too.
     """
 
     name: str
@@ -92,6 +125,7 @@ class Workload:
     factory: Callable[[], nn.Module]
     batches: list[BenchBatch]
     loss_fn: Callable[[Any, Tensor], Tensor] = classification_loss
+    logits_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if not self.batches:
@@ -100,7 +134,12 @@ class Workload:
     def to(self, device: torch.device | str) -> Workload:
         """The same workload with its batches on ``device``."""
         return Workload(
-            self.name, self.description, self.factory, [b.to(device) for b in self.batches], self.loss_fn
+            self.name,
+            self.description,
+            self.factory,
+            [b.to(device) for b in self.batches],
+            self.loss_fn,
+            self.logits_bytes,
         )
 
 
@@ -233,14 +272,66 @@ def _token_batches(
     return batches
 
 
+def _llama_factory(spec: LlamaSpec) -> Callable[[], nn.Module]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def build() -> nn.Module:
+        config = LlamaConfig(
+            vocab_size=spec.vocab,
+            hidden_size=spec.hidden,
+            intermediate_size=spec.intermediate,
+            num_hidden_layers=spec.layers,
+            num_attention_heads=spec.heads,
+            num_key_value_heads=spec.heads,
+            max_position_embeddings=spec.length,
+            tie_word_embeddings=False,
+            use_cache=False,
+            attn_implementation="eager",
+        )
+        return LlamaForCausalLM(config)
+
+    return build
+
+
+def llama_workload(
+    name: str, spec: LlamaSpec, *, batch_size: int | None = None, pool: int = 2, seed: int = 0
+) -> Workload:
+    """A Hugging Face Llama of shape ``spec`` on uniformly random tokens (next token as target).
+
+    Raises:
+        WorkloadUnavailable: ``transformers`` is not installed (the message says how to install it).
+    """
+    from stepguard._extras import missing_extra
+
+    missing = missing_extra("transformers", "transformers", f"the {name} workload")
+    if missing:
+        raise WorkloadUnavailable(missing)
+    bs = batch_size or spec.batch_size
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(pool):
+        seq = torch.randint(0, spec.vocab, (bs, spec.length + 1), generator=gen)
+        batches.append(BenchBatch(seq[:, :-1].contiguous(), seq[:, 1:].contiguous()))
+    description = (
+        f"HF LlamaForCausalLM, vocab {spec.vocab:,}, hidden {spec.hidden}, {spec.layers} layers, "
+        f"eager attention, {bs}x{spec.length} random tokens"
+    )
+    logits_bytes = bs * spec.length * spec.vocab * torch.get_default_dtype().itemsize
+    return Workload(name, description, _llama_factory(spec), batches, logits_bytes=logits_bytes)
+
+
 def builtin_workload(name: str, *, batch_size: int | None = None, pool: int = 8, seed: int = 0) -> Workload:
-    """One of the built-in workloads: ``"mlp"``, ``"cnn"`` or ``"lm"``.
+    """One of the built-in workloads: ``"mlp"``, ``"cnn"``, ``"lm"``, ``"llama32k"`` or ``"llama128k"``.
 
     Args:
         name: the workload.
-        batch_size: overrides the default (64 for the digits models, 16 sequences for the LM).
-        pool: how many distinct batches the steps cycle through.
+        batch_size: overrides the default (64 for the digits models, 16 sequences for the LM,
+            8 and 4 for the Llamas).
+        pool: how many distinct batches the steps cycle through (at most 2 for the Llamas).
         seed: seed of the batch order (and of the synthetic tokens).
+
+    Raises:
+        WorkloadUnavailable: a Llama without ``transformers`` installed.
     """
     if name in ("mlp", "cnn"):
         from stepguard.demo import digits_mlp
@@ -257,7 +348,10 @@ def builtin_workload(name: str, *, batch_size: int | None = None, pool: int = 8,
     if name == "lm":
         bs = batch_size or 16
         description = f"causal transformer LM, 2 blocks, width 64, vocab 64, {bs}x32 tokens, padded tails"
-        return Workload("lm", description, TinyLM, _token_batches(bs, pool, seed))
+        batches = _token_batches(bs, pool, seed)
+        return Workload("lm", description, TinyLM, batches, logits_bytes=bs * 32 * 64 * 4)
+    if name in LLAMAS:
+        return llama_workload(name, LLAMAS[name], batch_size=batch_size, pool=min(pool, 2), seed=seed)
     raise ValueError(f"unknown built-in model {name!r}; choose from {', '.join(BUILTIN)}")
 
 
