@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class GuardConfig(BaseModel):
@@ -39,8 +39,6 @@ class GuardConfig(BaseModel):
         binding_k: how many binding samples (smallest top-2 radius) to report.
         max_spread_values: keep the per-sample spreads in the report when there are at
             most this many rows (for histograms); only quantiles otherwise.
-        restore_state_on_veto: keep a copy of the optimizer state so a veto restores it
-            bit for bit (costs one copy of the state when the policy can veto).
         sink_max_failures: drop a sink after this many consecutive failures (None: never).
         veto_warning_after: warn once this many steps in a row were vetoed (None: never).
         halt_after_vetoes: raise :class:`~stepguard.HaltTraining` once this many steps in a
@@ -68,8 +66,19 @@ class GuardConfig(BaseModel):
     temperature: float = Field(default=1.0, gt=0)
     binding_k: int = Field(default=5, ge=0)
     max_spread_values: int = Field(default=1024, ge=0)
-    restore_state_on_veto: bool = True
     sink_max_failures: int | None = Field(default=None, ge=1)
     veto_warning_after: int | None = Field(default=10, ge=1)
     halt_after_vetoes: int | None = Field(default=100, ge=1)
     assume_logits: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_restore_knob(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "restore_state_on_veto" in data:
+            raise ValueError(
+                "restore_state_on_veto was removed: whether a veto restores the optimizer state "
+                "is the policy's choice, e.g. ClipPolicy(restore_optimizer_state=False) or "
+                "restore_optimizer_state: false in a policy file (a Policy subclass sets "
+                "needs_state_backup = False)"
+            )
+        return data

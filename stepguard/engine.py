@@ -197,7 +197,7 @@ class GuardEngine:
                 self.optimizer, params, inputs_given="inputs" in self._observed, closure=closure
             )
             self._snapshot.take()
-            if self.policy.may_veto and self.config.restore_state_on_veto:
+            if self.policy.needs_state_backup:
                 self._state_backup.take(params)
             else:
                 self._state_backup.drop()
@@ -369,8 +369,8 @@ class GuardEngine:
             torch._foreach_copy_(live, self._snapshot.theta0)
             if decision.action == "clip":
                 torch._foreach_add_(live, update.views(), alpha=decision.scale)
-        vetoed = decision.action == "veto" and decision.restore_state
-        if vetoed and not self._state_backup.restore() and self.policy.may_veto:
+        vetoed = decision.action == "veto"
+        if vetoed and not self._state_backup.restore() and self.policy.needs_state_backup:
             logger.warning("veto without a state backup: optimizer state keeps this step's update")
 
     def _rollback(self) -> None:

@@ -448,9 +448,10 @@ def test_a_veto_can_keep_the_optimizer_state_update() -> None:
 
     class SkipKeepState(Policy):
         name = "skip_keep_state"
+        needs_state_backup = False  # a veto puts the parameters back, not the optimizer state
 
         def decide(self, report):
-            return Decision("veto", 0.0, "skip", "skip", restore_state=False)
+            return Decision("veto", 0.0, "skip", "skip")
 
     net = make_net()
     ref_net, ref_opt = twin(net, lr=1e-2)
@@ -465,6 +466,28 @@ def test_a_veto_can_keep_the_optimizer_state_update() -> None:
     for p, p0 in zip(net.parameters(), before, strict=True):
         assert torch.equal(p.detach(), p0)
     assert_same_state(state_of(guard.optimizer), state_of(ref_opt))  # moments moved as in plain Adam
+
+
+def test_the_guard_config_restore_knob_names_its_replacement() -> None:
+    with pytest.raises(ValueError, match="restore_optimizer_state=False"):
+        GuardConfig(restore_state_on_veto=False)
+
+
+def test_a_preset_veto_without_restore_keeps_the_optimizer_state_update() -> None:
+    net = make_net()
+    ref_net, ref_opt = twin(net, lr=1e-2)
+    policy = VetoPolicy(1e-9, restore_optimizer_state=False)
+    guard = StepGuard(torch.optim.Adam(net.parameters(), lr=1e-2), model=net, policy=policy)
+    x, y = batch()
+    before = params_of(net)
+    backward(net, x, y)
+    report = guard.step()
+    backward(ref_net, x, y)
+    ref_opt.step()
+    assert report.action == "veto"
+    for p, p0 in zip(net.parameters(), before, strict=True):
+        assert torch.equal(p.detach(), p0)
+    assert_same_state(state_of(guard.optimizer), state_of(ref_opt))
 
 
 def test_optimizer_step_hooks_run_around_the_guarded_step() -> None:

@@ -51,9 +51,11 @@ class ClipPolicy(RulePolicy):
     Args:
         target_r: c, the normalized step to clip to (1 is the radius itself; 0.5 is the
             paper's "definitively safe" start).
+        restore_optimizer_state: a veto also restores the optimizer state; ``False``
+            restores the parameters only and spares the guard its copy of the state.
     """
 
-    def __init__(self, target_r: float = 1.0) -> None:
+    def __init__(self, target_r: float = 1.0, *, restore_optimizer_state: bool = True) -> None:
         if not (target_r > 0 and math.isfinite(target_r)):
             raise ValueError(f"target_r must be a positive finite number, got {target_r}")
         self.target_r = float(target_r)
@@ -67,9 +69,12 @@ class ClipPolicy(RulePolicy):
                 ),
             ],
             name="clip",
+            restore_optimizer_state=restore_optimizer_state,
         )
 
     def __repr__(self) -> str:
+        if "target_r" not in vars(self):  # built by from_config: the rules say it all
+            return super().__repr__()
         return f"ClipPolicy(target_r={self.target_r})"
 
 
@@ -83,9 +88,11 @@ class VetoPolicy(RulePolicy):
 
     Args:
         max_r: the largest r that is still applied.
+        restore_optimizer_state: a veto also restores the optimizer state; ``False``
+            restores the parameters only and spares the guard its copy of the state.
     """
 
-    def __init__(self, max_r: float = 1.0) -> None:
+    def __init__(self, max_r: float = 1.0, *, restore_optimizer_state: bool = True) -> None:
         if not (max_r > 0):
             raise ValueError(f"max_r must be positive, got {max_r}")
         self.max_r = float(max_r)
@@ -95,9 +102,12 @@ class VetoPolicy(RulePolicy):
                 Rule(name="veto_r", condition=Threshold(field="r", op=">", value=self.max_r), action=Veto()),
             ],
             name="veto",
+            restore_optimizer_state=restore_optimizer_state,
         )
 
     def __repr__(self) -> str:
+        if "max_r" not in vars(self):  # built by from_config: the rules say it all
+            return super().__repr__()
         return f"VetoPolicy(max_r={self.max_r})"
 
 
@@ -123,6 +133,8 @@ class SafePolicy(RulePolicy):
         spike_window: the window of the loss statistics.
         spike_warmup: steps of loss history before spikes are judged.
         max_consecutive_vetoes: vetoes in a row that halt training.
+        restore_optimizer_state: a veto also restores the optimizer state; ``False``
+            restores the parameters only and spares the guard its copy of the state.
     """
 
     def __init__(
@@ -132,6 +144,8 @@ class SafePolicy(RulePolicy):
         spike_window: int = 100,
         spike_warmup: int = 20,
         max_consecutive_vetoes: int = 5,
+        *,
+        restore_optimizer_state: bool = True,
     ) -> None:
         if not (target_r > 0 and math.isfinite(target_r)):
             raise ValueError(f"target_r must be a positive finite number, got {target_r}")
@@ -152,9 +166,12 @@ class SafePolicy(RulePolicy):
             ],
             name="safe",
             max_consecutive_vetoes=max_consecutive_vetoes,
+            restore_optimizer_state=restore_optimizer_state,
         )
 
     def __repr__(self) -> str:
+        if "target_r" not in vars(self):  # built by from_config: the rules say it all
+            return super().__repr__()
         return f"SafePolicy(target_r={self.target_r})"
 
 
@@ -186,7 +203,7 @@ def resolve_policy(policy: str | Path | Policy) -> Policy:
         if str(policy) in PRESETS:
             return PRESETS[str(policy)]()
         if Path(policy).suffix.lower() in SUFFIXES:
-            return Policy.from_file(policy)
+            return RulePolicy.from_path(policy)
         raise ValueError(
             f"unknown policy {str(policy)!r}; use one of {sorted(PRESETS)}, a policy file "
             f"({', '.join(SUFFIXES)}) or a Policy instance"

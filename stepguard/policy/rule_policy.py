@@ -8,7 +8,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar
 
 from stepguard.policy.actions import SEVERITY, Proposal, StepContext
 from stepguard.policy.base import Policy
@@ -20,6 +20,8 @@ from stepguard.report import Decision, StepReport
 logger = logging.getLogger("stepguard.policy")
 
 STATE_FORMAT = 1
+
+_RP = TypeVar("_RP", bound="RulePolicy")
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,8 @@ class RulePolicy(Policy):
         name: the policy's name.
         max_consecutive_vetoes: halt (or give up) after this many vetoes in a row.
         on_max_vetoes: ``"halt"`` or ``"allow"``.
-        restore_optimizer_state: a veto also restores the optimizer state.
+        restore_optimizer_state: a veto also restores the optimizer state (this sets
+            :attr:`~stepguard.policy.Policy.needs_state_backup` when a rule can veto).
 
     Example:
         >>> from stepguard.policy import RulePolicy, Rule
@@ -103,21 +106,32 @@ class RulePolicy(Policy):
     def _configure(self, config: PolicyConfig) -> None:
         self.config = config
         self.name = config.name
-        self.may_veto = config.restore_optimizer_state and any(
+        self.needs_state_backup = config.restore_optimizer_state and any(
             a.can_veto for rule in config.rules for a in _actions_of(rule)
         )
         self._state = self.init()
 
     @classmethod
-    def from_config(cls, config: PolicyConfig | Mapping[str, Any]) -> RulePolicy:
-        """A policy from a :class:`PolicyConfig` or a mapping (validated; errors name the key)."""
-        policy = RulePolicy.__new__(RulePolicy)
+    def from_config(cls: type[_RP], config: PolicyConfig | Mapping[str, Any]) -> _RP:
+        """A policy of this class from a :class:`PolicyConfig` or a mapping.
+
+        Raises:
+            PolicyConfigError: a line per problem, each naming its key
+                (``rules[2].condition.field: unknown report field 'rr'; known: …``).
+        """
+        policy = cls.__new__(cls)
         policy._configure(policy_config(config))
         return policy
 
     @classmethod
-    def from_path(cls, path: str | Path) -> RulePolicy:
-        """A policy from a YAML, JSON or TOML file."""
+    def from_path(cls: type[_RP], path: str | Path) -> _RP:
+        """A policy of this class from a ``.yaml``/``.yml`` (needs PyYAML), ``.json`` or ``.toml`` file.
+
+        Raises:
+            FileNotFoundError: no such file.
+            PolicyConfigError: a syntax error or an invalid policy, naming the key.
+            ModuleNotFoundError: YAML without PyYAML installed.
+        """
         return cls.from_config(load_policy_config(path))
 
     @property

@@ -13,7 +13,6 @@ from stepguard import StepReport
 from stepguard.cli import main
 from stepguard.policy import (
     ClipPolicy,
-    Policy,
     PolicyConfigError,
     RulePolicy,
     SafePolicy,
@@ -94,11 +93,11 @@ def files(tmp_path):
 def test_the_same_policy_from_yaml_json_toml_and_a_dict(files) -> None:
     pytest.importorskip("yaml")
     pytest.importorskip("tomllib")
-    configs = [Policy.from_file(files / f"p.{ext}").config for ext in ("yaml", "json", "toml")]
-    configs.append(Policy.from_dict(JSON).config)
+    configs = [RulePolicy.from_path(files / f"p.{ext}").config for ext in ("yaml", "json", "toml")]
+    configs.append(RulePolicy.from_config(JSON).config)
     assert configs[0] == configs[1] == configs[2] == configs[3]
-    policy = Policy.from_file(files / "p.yaml")
-    assert isinstance(policy, RulePolicy) and policy.name == "production" and policy.may_veto
+    policy = RulePolicy.from_path(files / "p.yaml")
+    assert isinstance(policy, RulePolicy) and policy.name == "production" and policy.needs_state_backup
     assert [r.name for r in policy.rules] == ["nonfinite", "loss_spike", "collapse", "clip_r"]
     assert policy.rules[2].condition.op == ">"  # `gt` is read as `>`
     d = policy.decide(StepReport(step=0, tau=3.0, rho_a=1.0, r=3.0, delta_a=math.pi))
@@ -106,8 +105,8 @@ def test_the_same_policy_from_yaml_json_toml_and_a_dict(files) -> None:
 
 
 def test_to_dict_round_trips_every_preset_and_a_loaded_policy(files) -> None:
-    for policy in (ClipPolicy(0.5), VetoPolicy(2.0), SafePolicy(), Policy.from_dict(JSON)):
-        again = Policy.from_dict(json.loads(json.dumps(policy.to_dict())))
+    for policy in (ClipPolicy(0.5), VetoPolicy(2.0), SafePolicy(), RulePolicy.from_config(JSON)):
+        again = RulePolicy.from_config(json.loads(json.dumps(policy.to_dict())))
         assert again.config == policy.config
 
 
@@ -254,7 +253,7 @@ def _rules(*rules) -> dict:
 )
 def test_config_errors_name_the_offending_key(data, key, message) -> None:
     with pytest.raises(PolicyConfigError) as info:
-        Policy.from_dict(data)
+        RulePolicy.from_config(data)
     keys = [k for k, _ in info.value.errors]
     assert key in keys, info.value.errors
     text = dict(info.value.errors)[key]
@@ -275,7 +274,7 @@ def test_several_errors_are_all_listed_and_a_file_names_itself(tmp_path) -> None
         )
     )
     with pytest.raises(PolicyConfigError) as info:
-        Policy.from_file(path)
+        RulePolicy.from_path(path)
     text = str(info.value)
     assert text.startswith(f"{path}: 2 errors in the policy")
     assert "rules[0].condition.field: unknown report field 'rr'" in text
@@ -299,7 +298,7 @@ def test_unreadable_files_are_clear_errors(tmp_path, name, content, message) -> 
     path = tmp_path / name
     path.write_text(content)
     with pytest.raises(PolicyConfigError, match=message):
-        Policy.from_file(path)
+        RulePolicy.from_path(path)
 
 
 @pytest.mark.parametrize(
@@ -320,7 +319,7 @@ def test_a_policy_file_without_a_policy_is_refused_in_every_format(tmp_path, nam
     path = tmp_path / name
     path.write_text(content)
     with pytest.raises(PolicyConfigError, match=f"{message}; a policy file holds a mapping of policy keys"):
-        Policy.from_file(path)
+        RulePolicy.from_path(path)
 
 
 @pytest.mark.parametrize("name", ["p.toml", "p.yaml", "p.json"])
@@ -335,7 +334,7 @@ def test_an_oversized_policy_file_is_refused_before_parsing(tmp_path, monkeypatc
     with pytest.raises(
         PolicyConfigError, match=r"the file is 1,048,577 bytes; a policy file may be at most 1,048,576"
     ):
-        Policy.from_file(path)
+        RulePolicy.from_path(path)
 
 
 def test_a_yaml_alias_bomb_is_refused_quickly(tmp_path) -> None:
@@ -348,7 +347,7 @@ def test_a_yaml_alias_bomb_is_refused_quickly(tmp_path) -> None:
     path = tmp_path / "bomb.yaml"
     path.write_text(f"x-defs:\n{body}\nrules:\n  - {{name: a, condition: *c6, action: veto}}\n")
     with pytest.raises(PolicyConfigError, match="more than 100,000 values"):
-        Policy.from_file(path)
+        RulePolicy.from_path(path)
 
 
 @pytest.mark.parametrize(
@@ -380,7 +379,7 @@ def test_a_yaml_alias_bomb_is_refused_quickly(tmp_path) -> None:
 )
 def test_non_finite_numbers_in_a_policy_are_refused(rule, key, got) -> None:
     with pytest.raises(PolicyConfigError) as info:
-        Policy.from_dict({"rules": [{"name": "a", "action": "veto", **rule}]})
+        RulePolicy.from_config({"rules": [{"name": "a", "action": "veto", **rule}]})
     assert dict(info.value.errors)[key] == f"must be a finite number, got {got}", info.value.errors
 
 
@@ -401,7 +400,7 @@ def test_yaml_without_pyyaml_names_the_package_and_the_extra(tmp_path, monkeypat
     path = tmp_path / "p.yaml"
     path.write_text(YAML)
     with pytest.raises(ModuleNotFoundError, match=r"pip install pyyaml .*stepguard\[dev\]"):
-        Policy.from_file(path)
+        RulePolicy.from_path(path)
     assert main(["policy", "check", str(path)]) == 2
 
 

@@ -225,7 +225,7 @@ def test_through_the_guard_veto_never_moves_parameters_and_clip_never_lengthens(
         )
         if report.action == "veto":
             assert all(torch.equal(p.detach(), b) for p, b in zip(net.parameters(), before, strict=True))
-            if policy.may_veto:
+            if policy.needs_state_backup:
                 after = opt.state_dict()["state"]
                 assert after.keys() == state_before.keys()
                 for k in after:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stepguard import StepGuard, StepReport
-from stepguard.policy import Policy, RulePolicy, SafePolicy
+from stepguard.policy import RulePolicy, SafePolicy
 
 STATEFUL = {
     "name": "stateful",
@@ -55,22 +55,22 @@ def reports(n: int, seed: int = 0) -> list[StepReport]:
 @pytest.mark.parametrize("split", [1, 7, 23, 40])
 def test_save_mid_run_load_into_a_fresh_policy_same_decisions(split: int) -> None:
     stream = reports(60)
-    original = Policy.from_dict(STATEFUL)
+    original = RulePolicy.from_config(STATEFUL)
     expected = [original.decide(r) for r in stream]
     assert {d.action for d in expected} == {"allow", "clip", "veto"}
 
-    first = Policy.from_dict(STATEFUL)
+    first = RulePolicy.from_config(STATEFUL)
     for r in stream[:split]:
         first.decide(r)
     saved = json.loads(json.dumps(first.state_dict(), allow_nan=False))
-    resumed = Policy.from_dict(STATEFUL)
+    resumed = RulePolicy.from_config(STATEFUL)
     resumed.load_state_dict(saved)
     assert resumed.state_dict() == first.state_dict()
     assert [resumed.decide(r) for r in stream[split:]] == expected[split:]
 
 
 def test_state_dict_is_a_copy_and_an_empty_state_resets() -> None:
-    policy = Policy.from_dict(STATEFUL)
+    policy = RulePolicy.from_config(STATEFUL)
     for r in reports(10):
         policy.decide(r)
     saved = policy.state_dict()
@@ -81,7 +81,7 @@ def test_state_dict_is_a_copy_and_an_empty_state_resets() -> None:
 
 
 def test_loading_a_state_with_unknown_rules_is_an_error_and_missing_rules_start_fresh() -> None:
-    policy = Policy.from_dict(STATEFUL)
+    policy = RulePolicy.from_config(STATEFUL)
     for r in reports(10):
         policy.decide(r)
     saved = policy.state_dict()
@@ -91,7 +91,7 @@ def test_loading_a_state_with_unknown_rules_is_an_error_and_missing_rules_start_
     more = dict(
         STATEFUL, rules=[*STATEFUL["rules"], {"name": "new", "condition": "tau > 100", "action": "veto"}]
     )
-    grown = Policy.from_dict(more)
+    grown = RulePolicy.from_config(more)
     grown.load_state_dict(saved)
     assert grown.state_dict()["t"] == 10
     assert grown.state_dict()["rules"]["new"] == grown.init()["rules"]["new"]

@@ -100,15 +100,15 @@ def test_presets_decide_as_documented(policy, reports, expected) -> None:
     assert sum(actions.values()) == len(reports)
 
 
-def test_preset_names_reasons_and_may_veto() -> None:
+def test_preset_names_reasons_and_needs_state_backup() -> None:
     assert [p.name for p in (MonitorPolicy(), ClipPolicy(), VetoPolicy(), SafePolicy())] == [
         "monitor",
         "clip",
         "veto",
         "safe",
     ]
-    assert not MonitorPolicy().may_veto
-    assert ClipPolicy().may_veto and VetoPolicy().may_veto and SafePolicy().may_veto
+    assert not MonitorPolicy().needs_state_backup
+    assert ClipPolicy().needs_state_backup and VetoPolicy().needs_state_backup and SafePolicy().needs_state_backup
     assert [r.name for r in SafePolicy().rules] == ["nonfinite", "loss_spike", "clip_r"]
     d = ClipPolicy(1.0).decide(rep(0, r=31.2))
     assert d.reason == "r=31.2 > 1: step scaled by 0.03205 to r=1"
@@ -424,11 +424,11 @@ def test_max_consecutive_vetoes_halts_or_gives_up_like_apply_if_finite() -> None
     ]
 
 
-def test_restore_optimizer_state_is_what_may_veto_reports() -> None:
+def test_restore_optimizer_state_is_what_needs_state_backup_reports() -> None:
     veto = [Rule(name="big", condition="r > 1", action="veto")]
-    assert RulePolicy(veto).may_veto
-    assert not RulePolicy(veto, restore_optimizer_state=False).may_veto
-    assert not RulePolicy([Rule(name="w", condition="r > 1", action="warn")]).may_veto
+    assert RulePolicy(veto).needs_state_backup
+    assert not RulePolicy(veto, restore_optimizer_state=False).needs_state_backup
+    assert not RulePolicy([Rule(name="w", condition="r > 1", action="warn")]).needs_state_backup
 
 
 def test_pure_update_does_not_touch_the_policy_or_its_input_state() -> None:
@@ -463,3 +463,53 @@ def test_rules_read_exactly_the_numbers_of_report_scalars() -> None:
     assert {name: lazy[name] for name in report.scalars()} == report.scalars()
     for absent in ("loss", "rho_binary", "halt", "rank", "extras.loss.other", "spread.values", "action"):
         assert lazy.get(absent) is None, absent
+
+
+def test_presets_take_restore_optimizer_state() -> None:
+    for preset in (ClipPolicy, VetoPolicy, SafePolicy):
+        assert preset().needs_state_backup
+        policy = preset(restore_optimizer_state=False)
+        assert not policy.needs_state_backup and not policy.config.restore_optimizer_state
+
+
+def test_a_policy_subclass_setting_may_veto_is_told_the_new_name() -> None:
+    from stepguard.policy import Policy
+
+    with pytest.raises(TypeError, match="needs_state_backup"):
+
+        class Old(Policy):
+            may_veto = False
+
+            def decide(self, report: StepReport) -> None:  # pragma: no cover - never built
+                raise AssertionError
+
+
+def test_from_config_and_from_path_build_the_class_they_are_called_on(tmp_path) -> None:
+    import json
+
+    class Mine(RulePolicy):
+        pass
+
+    data = {"name": "mine", "rules": [{"name": "clip_r", "condition": "r > 1", "action": "clip"}]}
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(data))
+    for policy in (Mine.from_config(data), Mine.from_path(path)):
+        assert type(policy) is Mine and policy.name == "mine"
+        assert policy.decide(rep(0, r=4.0)).scale == pytest.approx(0.25)
+    clip = ClipPolicy.from_config(ClipPolicy(0.5).config)
+    assert type(clip) is ClipPolicy and repr(clip) == "RulePolicy(name='clip', rules=['nonfinite', 'clip_r'])"
+
+
+def test_the_policy_protocol_module_does_not_import_its_subclass() -> None:
+    import ast
+    import inspect
+
+    from stepguard.policy import base
+
+    imported = [
+        node.module
+        for node in ast.walk(ast.parse(inspect.getsource(base)))
+        if isinstance(node, ast.ImportFrom) and node.module is not None
+    ]
+    assert not [m for m in imported if m.startswith("stepguard.policy")]
+    assert not hasattr(base.Policy, "from_dict") and not hasattr(base.Policy, "from_file")
