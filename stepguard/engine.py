@@ -77,7 +77,7 @@ class GuardEngine:
         sinks: where reports go.
         config: a :class:`~stepguard.config.GuardConfig`.
         logits_fn: picks the logits from the model output.
-        loss: a loss with ``radius_logits`` and ``components`` (see :class:`~stepguard.StepGuard`).
+        loss_module: a loss with ``radius_logits`` and ``components`` (see :class:`~stepguard.StepGuard`).
         rows_fn: the rows that count, from the captured forward's arguments.
     """
 
@@ -89,7 +89,7 @@ class GuardEngine:
         sinks: Iterable[Sink] = (),
         config: GuardConfig | None = None,
         logits_fn: LogitsFn | None = None,
-        loss: nn.Module | None = None,
+        loss_module: nn.Module | None = None,
         rows_fn: RowsFn | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -101,16 +101,17 @@ class GuardEngine:
             )
         if config is not None and not isinstance(config, GuardConfig):
             raise TypeError(f"config must be a GuardConfig, got {type(config).__name__}")
-        if loss is not None and not isinstance(loss, nn.Module):
+        if loss_module is not None and not isinstance(loss_module, nn.Module):
             raise TypeError(
-                f"loss must be an nn.Module (e.g. from stepguard.losses), got {type(loss).__name__}"
+                "loss_module must be an nn.Module (e.g. from stepguard.losses), "
+                f"got {type(loss_module).__name__}"
             )
         self.optimizer = optimizer
         self.config = config or GuardConfig()
         self.policy = resolve_policy(policy)
         self.sinks = SinkSet(sinks, max_failures=self.config.sink_max_failures)
-        self.loss = loss
-        self.measured = MeasuredModel(model, self.config, logits_fn, loss, rows_fn)
+        self.loss = loss_module
+        self.measured = MeasuredModel(model, self.config, logits_fn, loss_module, rows_fn)
         self.trigger = MeasurementTrigger(self.config)
         self.step_count = 0
         self.counters: dict[str, int] = dict.fromkeys(ACTIONS, 0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import Any
@@ -18,32 +17,44 @@ from stepguard.policy import Policy
 from stepguard.report import StepReport
 from stepguard.sinks.base import Sink
 
-try:  # the registries behind torch.optim.optimizer.register_optimizer_step_{pre,post}_hook
+# torch has no public way to read the global step hooks or the profiler's state, and its
+# public wrapper (Optimizer.profile_hook_step) opens a record_function range on every step
+# (about 8 µs, a fifth of an unmeasured step's budget on a small model). The guard reads
+# these private names instead, and refuses to import where torch lacks them.
+PRIVATE_TORCH_NAMES: dict[str, tuple[str, ...]] = {
+    "torch.optim.optimizer": ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks"),
+    "torch.autograd": ("_profiler_enabled",),
+}
+try:
+    from torch.autograd import _profiler_enabled
     from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
-except ImportError:  # pragma: no cover - older or newer torch without them
-    _global_optimizer_pre_hooks = _global_optimizer_post_hooks = OrderedDict()
+except ImportError as exc:  # pragma: no cover - only on an unsupported torch
+    raise ImportError(
+        f"stepguard needs torch's private {PRIVATE_TORCH_NAMES}, which torch {torch.__version__} "
+        "does not have; install a torch version that stepguard supports (see its pyproject.toml)"
+    ) from exc
 
 
 def _with_step_hooks(step: Callable[..., Any]) -> Callable[..., Any]:
     """What ``torch.optim.Optimizer.profile_hook_step`` does, without its cost when nothing listens.
 
-    Runs the global and the guard's own step pre/post hooks (a pre-hook may return new
-    ``(args, kwargs)``) and opens a ``record_function`` range only while the profiler is on:
-    the unconditional range costs about 8 µs a step, a fifth of an unmeasured step's budget
-    on a small model.
+    Runs the global and the guard's own step pre/post hooks exactly as torch does (each gets
+    ``(optimizer, args, kwargs)`` with ``args[0]`` the optimizer; a pre-hook may return new
+    ``(args, kwargs)``) and opens a ``record_function`` range only while the profiler is on.
     """
 
     @functools.wraps(step)
-    def wrapper(self: StepGuard, *args: Any, **kwargs: Any) -> Any:
-        if torch.autograd._profiler_enabled():
-            with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
-                return _run_hooked(step, self, args, kwargs)
-        return _run_hooked(step, self, args, kwargs)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if _profiler_enabled():
+            with torch.autograd.profiler.record_function(f"Optimizer.step#{type(args[0]).__name__}.step"):
+                return _run_hooked(step, args, kwargs)
+        return _run_hooked(step, args, kwargs)
 
     return wrapper
 
 
-def _run_hooked(step: Callable[..., Any], self: StepGuard, args: tuple, kwargs: dict) -> Any:
+def _run_hooked(step: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    self: StepGuard = args[0]
     if _global_optimizer_pre_hooks or self._optimizer_step_pre_hooks:
         for pre_hook in chain(_global_optimizer_pre_hooks.values(), self._optimizer_step_pre_hooks.values()):
             result = pre_hook(self, args, kwargs)
@@ -53,13 +64,24 @@ def _run_hooked(step: Callable[..., Any], self: StepGuard, args: tuple, kwargs: 
                         f"an optimizer step pre-hook must return None or (new_args, new_kwargs), got {result}"
                     )
                 args, kwargs = result
-    out = step(self, *args, **kwargs)
+    out = step(*args, **kwargs)
     self._optimizer_step_code()
     if _global_optimizer_post_hooks or self._optimizer_step_post_hooks:
         post_hooks = chain(self._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values())
         for post_hook in post_hooks:
             post_hook(self, args, kwargs)
     return out
+
+
+def _reject_unknown_keywords(owner: str, unknown: dict[str, Any]) -> None:
+    """The removed ``loss=`` keyword names its replacement; anything else is a plain TypeError."""
+    if "loss" in unknown:
+        raise TypeError(
+            f"{owner}() takes the loss module as loss_module=, not loss= (loss= is the step's "
+            "loss value, given to step() or observe())"
+        )
+    if unknown:
+        raise TypeError(f"{owner}() got unexpected keyword arguments {sorted(unknown)}")
 
 
 class StepGuard(torch.optim.Optimizer):
@@ -90,7 +112,7 @@ class StepGuard(torch.optim.Optimizer):
             (shorthand for ``GuardConfig(budget=...)``).
         logits_fn: picks the logits from the model output when it is not a tensor,
             ``.logits`` or ``{"logits": …}``.
-        loss: a loss from :mod:`stepguard.losses` (any module with ``radius_logits`` and
+        loss_module: a loss from :mod:`stepguard.losses` (any module with ``radius_logits`` and
             ``components``): the radius is measured on the logits its softmax acts on
             (e.g. ArcFace's scaled cosines, its class centres included in the JVP), and its
             named components go into ``report.extras`` as ``loss.<name>``. Pass targets
@@ -117,42 +139,59 @@ class StepGuard(torch.optim.Optimizer):
         *,
         budget: float | None = None,
         logits_fn: LogitsFn | None = None,
-        loss: nn.Module | None = None,
+        loss_module: nn.Module | None = None,
         rows_fn: RowsFn | None = None,
+        **unknown: Any,
     ) -> None:
+        _reject_unknown_keywords("StepGuard", unknown)
         if isinstance(optimizer, StepGuard):
             raise TypeError("this optimizer is already a StepGuard; wrap the inner optimizer once")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"StepGuard wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        self.optimizer = optimizer
-        self.defaults = optimizer.defaults
-        self._optimizer_step_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_step_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_state_dict_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._zero_grad_profile_name = "Optimizer.zero_grad#StepGuard.zero_grad"
+        self._init_optimizer(optimizer)
         if budget is not None:
             config = GuardConfig.model_validate((config or GuardConfig()).model_dump() | {"budget": budget})
-        self.engine = GuardEngine(optimizer, model, policy, sinks, config, logits_fn, loss, rows_fn)
+        self.engine = GuardEngine(optimizer, model, policy, sinks, config, logits_fn, loss_module, rows_fn)
 
-    # The inner optimizer owns the parameters and their state; the guard only points at them.
+    def _init_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Run ``torch.optim.Optimizer.__init__`` (hook dicts, ``defaults``, profiler names).
+
+        It builds its own ``state`` and ``param_groups`` from copies of the inner optimizer's
+        groups; the guard drops them and from then on points at the inner optimizer's, so
+        both share one set of parameter groups and one state.
+        """
+        copies = [dict(group) for group in optimizer.param_groups]
+        torch.optim.Optimizer.__init__(self, copies, optimizer.defaults)
+        del self.__dict__["_own_param_groups"], self.__dict__["_own_state"]
+        self.optimizer = optimizer
+
+    # The inner optimizer owns the parameters and their state; the guard only points at them
+    # (until ``self.optimizer`` exists, i.e. inside Optimizer.__init__, at copies of its own).
     @property  # type: ignore[override]
     def param_groups(self) -> list[dict[str, Any]]:
-        return self.optimizer.param_groups
+        inner = self.__dict__.get("optimizer")
+        return self.__dict__["_own_param_groups"] if inner is None else inner.param_groups
 
     @param_groups.setter
     def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = value
+        inner = self.__dict__.get("optimizer")
+        if inner is None:
+            self.__dict__["_own_param_groups"] = value
+        else:
+            inner.param_groups = value
 
     @property  # type: ignore[override]
     def state(self) -> Any:
-        return self.optimizer.state
+        inner = self.__dict__.get("optimizer")
+        return self.__dict__["_own_state"] if inner is None else inner.state
 
     @state.setter
     def state(self, value: Any) -> None:
-        self.optimizer.state = value
+        inner = self.__dict__.get("optimizer")
+        if inner is None:
+            self.__dict__["_own_state"] = value
+        else:
+            inner.state = value
 
     @property
     def policy(self) -> Policy:
@@ -229,21 +268,43 @@ class StepGuard(torch.optim.Optimizer):
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self.optimizer.add_param_group(param_group)
+        if "optimizer" not in self.__dict__:  # Optimizer.__init__ filling the guard's copies
+            super().add_param_group(param_group)
+        else:
+            self.optimizer.add_param_group(param_group)
 
     def state_dict(self) -> dict[str, Any]:
-        """The inner optimizer's state dict plus the guard's own state under ``"stepguard"``."""
+        """The inner optimizer's state dict plus the guard's own state under ``"stepguard"``.
+
+        The hooks registered on the guard with ``register_state_dict_pre_hook`` and
+        ``register_state_dict_post_hook`` run around it, as torch runs them.
+        """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         state = self.optimizer.state_dict()
         state["stepguard"] = self.engine.state_dict()
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state)
+            if result is not None:
+                state = result
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict saved from a guard, or a plain one saved from the inner optimizer."""
+        """Load a state dict saved from a guard, or a plain one saved from the inner optimizer.
+
+        The guard's ``register_load_state_dict_pre_hook``/``_post_hook`` hooks run around it.
+        """
         state = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state)
+            if result is not None:
+                state = dict(result)
         guard_state = state.pop("stepguard", None)
         self.optimizer.load_state_dict(state)
         if guard_state is not None:
             self.engine.load_state_dict(guard_state)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def close(self) -> None:
         """Remove the capture hook, flush and close the sinks."""

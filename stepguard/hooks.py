@@ -122,19 +122,23 @@ def attach(
     *,
     budget: float | None = None,
     logits_fn: LogitsFn | None = None,
-    loss: nn.Module | None = None,
+    loss_module: nn.Module | None = None,
     rows_fn: RowsFn | None = None,
+    **unknown: Any,
 ) -> GuardHandle:
     """Guard an optimizer that a framework owns, through its step pre/post hooks.
 
     Behaves like :class:`~stepguard.StepGuard` (same measurement, policy, sinks, clip and
-    veto semantics) without replacing the optimizer object. Returns a handle whose
-    ``detach()`` removes every hook.
+    veto semantics; the same arguments, ``loss_module=`` included) without replacing the
+    optimizer object. Returns a handle whose ``detach()`` removes every hook.
     """
+    from stepguard.guard import _reject_unknown_keywords
+
+    _reject_unknown_keywords("attach", unknown)
     if model is None or not isinstance(model, nn.Module):
         raise TypeError(f"attach() needs the model as an nn.Module, got {type(model).__name__}")
     if budget is not None:
         config = GuardConfig.model_validate((config or GuardConfig()).model_dump() | {"budget": budget})
     return GuardHandle(
-        optimizer, GuardEngine(optimizer, model, policy, sinks, config, logits_fn, loss, rows_fn)
+        optimizer, GuardEngine(optimizer, model, policy, sinks, config, logits_fn, loss_module, rows_fn)
     )

@@ -33,7 +33,7 @@ def test_radius_is_measured_on_the_margin_logits_with_the_class_centres_moving()
     guard = StepGuard(
         torch.optim.SGD([*embed.parameters(), *arcface.parameters()], lr=0.05),
         model=embed,
-        loss=arcface,
+        loss_module=arcface,
     )
     x, y = torch.randn(10, 6, dtype=torch.float64), torch.randint(0, 5, (10,))
     before_embed, before_loss = copy.deepcopy(embed), copy.deepcopy(arcface)
@@ -53,3 +53,15 @@ def test_radius_is_measured_on_the_margin_logits_with_the_class_centres_moving()
     assert set(report.extras) == {f"loss.{k}" for k in arcface.components}
     for name, component in arcface.components.items():
         assert report.extras[f"loss.{name}"] == pytest.approx(float(component), rel=1e-12)
+
+
+def test_the_loss_module_keyword_is_loss_module_and_loss_is_refused() -> None:
+    from stepguard import attach
+
+    embed = nn.Linear(6, 5)
+    arcface = losses.get("arcface", in_features=5, num_classes=3)
+    for build in (StepGuard, attach):
+        with pytest.raises(TypeError, match="loss_module="):
+            build(torch.optim.SGD(embed.parameters(), lr=0.1), model=embed, loss=arcface)
+        with pytest.raises(TypeError, match="unexpected keyword arguments \\['los'\\]"):
+            build(torch.optim.SGD(embed.parameters(), lr=0.1), model=embed, los=arcface)
