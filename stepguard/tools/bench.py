@@ -836,12 +836,12 @@ def _memory_lines(memory: Mapping[str, Any]) -> list[str]:
     for name, v in memory["variants"].items():
         if name == "plain":
             continue
-        at_peak = f"+{v['extra_peak_param_copies']:.2f} copies at peak ({_mb(v['extra_peak_bytes'])}"
+        at_peak = f"{v['extra_peak_param_copies']:+.2f} copies at peak ({_mb(v['extra_peak_bytes'])}"
         at_peak += f" = {v['extra_peak_logits']:.2f} logits)" if logits else ")"
         lines.append(
             f"    {name:<8} peak {_mb(v['peak_bytes'])} ({v['peak_ratio']:.2f}x plain): "
-            f"+{v['extra_resident_param_copies']:.2f} copies resident, "
-            f"+{v['extra_transient_param_copies']:.2f} copies transient, {at_peak}"
+            f"{v['extra_resident_param_copies']:+.2f} copies resident, "
+            f"{v['extra_transient_param_copies']:+.2f} copies transient, {at_peak}"
         )
     return lines
 
