@@ -88,10 +88,10 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _policy_check(args: argparse.Namespace) -> int:
-    from stepguard.policy import Policy
+    from stepguard.policy import RulePolicy
 
     try:
-        policy = Policy.from_file(args.file)
+        policy = RulePolicy.from_path(args.file)
     except ModuleNotFoundError as exc:
         print(f"stepguard policy check: error: {exc}", file=sys.stderr)
         return 2

@@ -148,9 +148,9 @@ class Decision:
         rule: the name of the rule that decided (``None`` when no rule fired).
         halt: stop training after this step is committed: the guard sends the report to
             the sinks, then raises :class:`~stepguard.HaltTraining` naming the step and reason.
-        restore_state: on a veto, also restore the optimizer state (Adam's moments,
-            momentum) to what it was before the step; False keeps the state's update and
-            only skips the parameter change.
+
+    Whether a veto also restores the optimizer state is the policy's
+    ``needs_state_backup`` (declared before the step, when the copy is taken).
     """
 
     action: Action = "allow"
@@ -158,7 +158,6 @@ class Decision:
     reason: str = ""
     rule: str | None = None
     halt: bool = False
-    restore_state: bool = True
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:

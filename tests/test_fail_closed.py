@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import stepguard
-from stepguard import GuardConfig, StepGuard, VetoPolicy
+from stepguard import ClipPolicy, GuardConfig, StepGuard, VetoPolicy
 from stepguard.engine import HaltTraining, NoBatchError
 from stepguard.geometry.jvp import is_replaying
 
@@ -495,8 +495,8 @@ def test_a_failing_inner_step_is_rolled_back_through_attach() -> None:
 
 def test_clip_without_a_state_copy_still_puts_the_parameters_back() -> None:
     net = TupleNet()
-    guard = StepGuard(torch.optim.Adam(net.parameters(), lr=0.5), model=net, policy="clip",
-                      config=GuardConfig(restore_state_on_veto=False))
+    guard = StepGuard(torch.optim.Adam(net.parameters(), lr=0.5), model=net,
+                      policy=ClipPolicy(restore_optimizer_state=False))
     x, y = data()
     theta = params_of(net)
     F.cross_entropy(net(x)[0], y).backward()
