@@ -22,7 +22,9 @@ tensor each. A non-finite value on any rank stays non-finite.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -197,3 +199,14 @@ def sharded_norms(
     denominator = (delta_sq * theta_sq).sqrt()
     cosine = torch.where(denominator > 0, dot / torch.where(denominator > 0, denominator, 1.0), 0.0)
     return {"tau": delta_sq.sqrt(), "grad_norm": grad_sq.sqrt(), "update_param_cosine": cosine}
+
+
+def guard_facts(policy: object, config: Any, optimizer: object, params: list[Tensor]) -> dict[str, str]:
+    """What every rank's guard must share for the ranks to decide alike (see :func:`check_ranks_agree`)."""
+    shapes = ",".join(f"{tuple(p.shape)}:{str(p.dtype).removeprefix('torch.')}" for p in params)
+    return {
+        "policy": repr(policy),
+        "config": config.model_dump_json(),
+        "optimizer": type(optimizer).__name__,
+        "parameters": f"{len(params)} tensors, {hashlib.sha256(shapes.encode()).hexdigest()[:12]}",
+    }

@@ -17,11 +17,8 @@ back before it propagates.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import time
-import warnings
-import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,25 +26,28 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from stepguard.claim import claim, release
 from stepguard.config import GuardConfig
 from stepguard.costs import PhaseTimer
 from stepguard.diagnostics import EntanglementProbe
 from stepguard.distributed import (
     check_ranks_agree,
+    guard_facts,
     is_distributed,
     rank_and_world,
-    reduce_across_ranks,
     sharded_norms,
 )
 from stepguard.errors import HaltTraining, NoBatchError
+from stepguard.escalation import VetoStreak
 from stepguard.geometry.logits import LogitsFn
 from stepguard.geometry.sharded import local_tensor
-from stepguard.measure import build_report, global_norm, sync_to_host
+from stepguard.measure import build_report
 from stepguard.measured_model import LossHead, MeasuredModel, RowsFn
 from stepguard.policy import MonitorPolicy, Policy, resolve_policy
 from stepguard.report import ACTIONS, Decision, StepReport, evolve
 from stepguard.sinks.base import Sink, SinkSet
 from stepguard.snapshot import OptimizerStateBackup, ParameterSnapshot, Update
+from stepguard.step_numbers import nested_fields, reduce_and_sync, step_tensors
 from stepguard.trigger import MeasurementTrigger
 
 __all__ = ["GuardEngine", "HaltTraining", "LossHead", "NoBatchError", "RowsFn"]
@@ -121,7 +121,7 @@ class GuardEngine:
         self._observed: dict[str, Any] = {}
         self._snapshot = ParameterSnapshot()
         self._state_backup = OptimizerStateBackup(optimizer)
-        self._consecutive_vetoes = 0
+        self._vetoes = VetoStreak(self.config)
         self._timer = PhaseTimer()
         self._t_start = 0.0
         self._t_optimizer = 0.0
@@ -137,7 +137,7 @@ class GuardEngine:
                 "budget mode and measure_every > 1 are not supported on an FSDP2 model yet (the "
                 "direction sketch between measurements would need a collective); measure every step"
             )
-        _claim(optimizer, self)
+        claim(optimizer, self)
 
     @property
     def model(self) -> nn.Module | None:
@@ -147,14 +147,8 @@ class GuardEngine:
     # ---------------------------------------------------------------- inputs
 
     def watch(self, objectives: Mapping[str, Tensor], *, lengths: Mapping[str, Any] | None = None) -> None:
-        """Measure the gradient entanglement of named objectives for the coming step.
-
-        Call after the forward and before ``backward`` (or keep the graph): the Gram matrix
-        G_ij = ⟨∇ℓ_i, ∇ℓ_j⟩ over the optimizer's parameters is computed now, with one batched
-        VJP; after the step the report also carries the realized first-order change
-        ∇ℓ_i·Δθ_applied of each objective ("A Common Pitfall of Margin-based Language Model
-        Alignment: Gradient Entanglement", arXiv 2410.13828).
-        """
+        """Measure the gradient entanglement of named objectives for the coming step (see
+        :meth:`stepguard.StepGuard.watch`): the Gram matrix now, the realized changes after it."""
         if not objectives:
             raise ValueError("watch() needs at least one named objective, e.g. chosen=..., rejected=...")
         if self._probe is None:
@@ -193,7 +187,7 @@ class GuardEngine:
             if self._snapshot.bind([local_tensor(p) for p in params] if self._sharded else params):
                 self.trigger.rebind()
                 if self._distributed:
-                    check_ranks_agree(self._facts(params))
+                    check_ranks_agree(guard_facts(self.policy, self.config, self.optimizer, params))
             self.measured.check_ready(
                 self.optimizer, params, inputs_given="inputs" in self._observed, closure=closure
             )
@@ -265,9 +259,18 @@ class GuardEngine:
         measure, why = self.trigger.due(self._snapshot, update, tau, loss, timer.seconds)
         with timer.phase("measure"):
             estimator, tensors, vectors = self._measure(measure, update, tau, observed)
-        tensors.update(self._step_tensors(update, loss, observed, with_grad_norm=measure))
+        grads = None
+        if measure:
+            grads = self._global["grad_norm"] if self._sharded else [
+                p.grad for p in self._snapshot.params if p.grad is not None
+            ]
+        probe = self._probe if observed.get("watched") else None
+        tensors.update(step_tensors(grads, update, loss, self.loss, probe))
         with timer.phase("reduce_sync"):
-            values = self._reduce_and_sync(tensors, vectors, measure)
+            values = reduce_and_sync(
+                tensors, vectors, measured=measure, distributed=self._distributed,
+                costs=self.trigger.costs, host_values=self.trigger.host_values,
+            )
         report = self._report(values, estimator, measure, loss)
         if measure and not report.measured:
             why = "no row of the batch counts (every row masked or ignore_index)"
@@ -296,47 +299,8 @@ class GuardEngine:
             self.trigger.remember_direction(self._snapshot, update)
         return used, tensors, vectors
 
-    def _step_tensors(
-        self, update: Update | None, loss: Any, observed: Mapping[str, Any], *, with_grad_norm: bool
-    ) -> dict[str, Tensor]:
-        """The gradient norm, the loss, loss components and entanglement of the step, as tensors."""
-        out: dict[str, Tensor] = {}
-        if with_grad_norm and self._sharded:
-            out["grad_norm"] = self._global["grad_norm"]
-        elif with_grad_norm:
-            with torch.no_grad():
-                grads = [p.grad for p in self._snapshot.params if p.grad is not None]
-                if grads:
-                    out["grad_norm"] = global_norm(grads)
-        if observed.get("watched") and self._probe is not None and update is not None:
-            self._probe.realized(update.views())
-            out.update({f"entanglement.{n}": v for n, v in self._probe.scalars().items()})
-        if isinstance(loss, Tensor) and loss.numel() == 1:
-            out["loss"] = loss.detach().reshape(())
-        for name, value in (getattr(self.loss, "components", None) or {}).items():
-            out[f"extras.loss.{name}"] = value.detach().reshape(-1)[:1].reshape(())
-        return out
-
-    def _reduce_and_sync(self, tensors: dict[str, Tensor], vectors: dict[str, Tensor], measure: bool) -> dict:
-        """One collective on a measured step under ``torch.distributed``, then one host transfer."""
-        if self._distributed:
-            if measure:
-                tensors.update(self.trigger.costs.tensors(tensors["tau"]))
-                tensors = reduce_across_ranks(tensors)
-            else:  # no collective on an estimated step: keep only what every rank shares
-                tensors = {n: v for n, v in tensors.items() if not n.startswith(_RANK_LOCAL)}
-        host = self.trigger.host_values
-        if not measure and host is not None and set(tensors) <= set(host):
-            return {k: host[k] for k in tensors}  # everything was read with the trigger's values
-        return sync_to_host(tensors, vectors)
-
     def _report(self, values: dict[str, Any], estimator: str, measure: bool, loss: Any) -> StepReport:
         lr = self.optimizer.param_groups[0].get("lr") if self.optimizer.param_groups else None
-        fields: dict[str, Any] = {"rank": self._rank, "world_size": self._world}
-        for prefix in ("extras", "entanglement"):
-            named = {n[len(prefix) + 1 :]: v for n, v in values.items() if n.startswith(prefix + ".")}
-            if named:
-                fields[prefix] = named
         return build_report(
             values,
             step=self.step_count,
@@ -346,7 +310,9 @@ class GuardEngine:
             loss=loss if not self._distributed else None,
             binding_k=self.config.binding_k,
             lr=float(lr) if lr is not None else None,
-            **fields,
+            rank=self._rank,
+            world_size=self._world,
+            **nested_fields(values),
         )
 
     def _decide(self, report: StepReport, why: str) -> Decision:
@@ -402,42 +368,11 @@ class GuardEngine:
             halt=decision.halt,
             timings=self._timer.seconds,
         )
-        report = self._escalate(report)
+        report = self._vetoes.record(report)
         self.step_count += 1
         self.last_report = report
         self.measured.after_step()
         return report
-
-    def _escalate(self, report: StepReport) -> StepReport:
-        """Vetoes in a row: a warning after ``veto_warning_after``, a halt after ``halt_after_vetoes``."""
-        if report.action != "veto":
-            self._consecutive_vetoes = 0
-            return report
-        self._consecutive_vetoes += 1
-        streak, cfg = self._consecutive_vetoes, self.config
-        if streak == cfg.veto_warning_after:
-            warnings.warn(
-                f"StepGuard: {streak} steps in a row were vetoed (the last at step {report.step}: "
-                f"{report.reason}); the run is not training. Lower the learning rate, check the "
-                f"data, or loosen the policy; training halts after {cfg.halt_after_vetoes} "
-                "(GuardConfig(veto_warning_after=..., halt_after_vetoes=...)).",
-                UserWarning,
-                stacklevel=5,
-            )
-        if cfg.halt_after_vetoes is not None and streak >= cfg.halt_after_vetoes and not report.halt:
-            reason = f"{report.reason}; {streak} steps in a row were vetoed (GuardConfig.halt_after_vetoes)"
-            return evolve(report, halt=True, reason=reason)
-        return report
-
-    def _facts(self, params: list[Tensor]) -> dict[str, str]:
-        """What every rank's guard must share for the ranks to decide alike."""
-        shapes = ",".join(f"{tuple(p.shape)}:{str(p.dtype).removeprefix('torch.')}" for p in params)
-        return {
-            "policy": repr(self.policy),
-            "config": self.config.model_dump_json(),
-            "optimizer": type(self.optimizer).__name__,
-            "parameters": f"{len(params)} tensors, {hashlib.sha256(shapes.encode()).hexdigest()[:12]}",
-        }
 
     def _sharded_norms(self, update: Update) -> dict[str, Tensor]:
         """Global τ, gradient norm and update/parameter cosine from this rank's shards (FSDP2)."""
@@ -460,7 +395,7 @@ class GuardEngine:
             "estimator": self._estimator,
             "schedule": trigger["schedule"],
             "policy": self.policy.state_dict(),
-            "consecutive_vetoes": self._consecutive_vetoes,
+            "consecutive_vetoes": self._vetoes.count,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -473,35 +408,11 @@ class GuardEngine:
         self.trigger.load_state_dict(state)
         self._estimator = state.get("estimator", self.config.estimator)
         self.policy.load_state_dict(state.get("policy", {}))
-        self._consecutive_vetoes = int(state.get("consecutive_vetoes", 0))
+        self._vetoes.count = int(state.get("consecutive_vetoes", 0))
 
     def close(self) -> None:
         """Remove the capture hooks, release the optimizer, and flush and close the sinks."""
         self.measured.close()
-        _release(self.optimizer, self)
+        release(self.optimizer, self)
         self.sinks.flush()
         self.sinks.close()
-
-
-_RANK_LOCAL = ("loss", "extras.", "entanglement.")
-"""Numbers only this rank knows: left out of an estimated step's report under torch.distributed."""
-
-_GUARD_ATTRIBUTE = "_stepguard_engine"
-
-
-def _claim(optimizer: torch.optim.Optimizer, engine: GuardEngine) -> None:
-    """Mark ``optimizer`` as guarded by ``engine``; a second live guard is an error."""
-    ref = getattr(optimizer, _GUARD_ATTRIBUTE, None)
-    if ref is not None and ref() is not None:
-        raise RuntimeError(
-            f"this {type(optimizer).__name__} is already guarded by StepGuard: a second guard would "
-            "measure (and clip or veto) every step twice. Use the first guard, or close() / "
-            "detach() it before guarding the optimizer again."
-        )
-    setattr(optimizer, _GUARD_ATTRIBUTE, weakref.ref(engine))
-
-
-def _release(optimizer: torch.optim.Optimizer, engine: GuardEngine) -> None:
-    ref = getattr(optimizer, _GUARD_ATTRIBUTE, None)
-    if ref is not None and ref() is engine:
-        delattr(optimizer, _GUARD_ATTRIBUTE)

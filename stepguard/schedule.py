@@ -17,14 +17,15 @@ within ``budget`` × the time T the step takes without it (data, forward, backwa
 optimizer): with c_m the guard's cost on a measured step and c_0 on an unmeasured one,
 one measurement every N = ⌈(c_m − c_0) / (budget·T − c_0)⌉ steps (at most
 ``max_interval``). A τ jump and a non-finite τ (or estimate) are measured whatever the
-budget says: a spike is measured on the step it happens. An estimate near the boundary and a turn of the direction are measured only out of saved
-credit (early in training an estimate near the boundary can hold for hundreds of steps;
-measuring each of them would spend the budget many times over, while the estimate itself
-is already what the policy clips on): every step earns budget·T minus
-its modelled cost (c_0, or c_m when measured), and these two trigger a measurement only
-while the credit covers one (c_m). Without a budget (``measure_every``) every trigger
-measures at once. The credit uses the modelled costs, which every rank
-shares after the cross-rank reduction, so ranks agree on every decision to measure.
+budget says: a spike is measured on the step it happens. An estimate near the boundary
+and a turn of the direction are measured only out of saved credit (early in training an
+estimate near the boundary can hold for hundreds of steps; measuring each would spend the
+budget many times over, while the estimate itself is already what the policy clips on):
+every step earns budget·T minus its modelled cost (c_0, or c_m when measured), and these
+two trigger a measurement only while the credit covers one (c_m). Without a budget
+(``measure_every``) every trigger measures at once. The credit uses the modelled costs,
+which every rank shares after the cross-rank reduction, so ranks agree on every decision
+to measure.
 """
 
 from __future__ import annotations

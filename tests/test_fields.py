@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import stepguard.engine
+import stepguard.step_numbers
 from stepguard import SpreadSummary, StepGuard, StepReport, distributed
 from stepguard.costs import REDUCTIONS as COST_REDUCTIONS
 from stepguard.costs import CostMeter
@@ -260,7 +261,7 @@ def test_every_tensor_the_guard_sends_to_the_reduction_is_declared(
     real = distributed.reduce_across_ranks
     monkeypatch.setattr(stepguard.engine, "is_distributed", lambda group=None: True)
     monkeypatch.setattr(stepguard.engine, "rank_and_world", lambda group=None: (0, 1))
-    monkeypatch.setattr(stepguard.engine, "reduce_across_ranks", recording)
+    monkeypatch.setattr(stepguard.step_numbers, "reduce_across_ranks", recording)
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, classes)).double()
     guard = StepGuard(torch.optim.SGD(net.parameters(), lr=0.1), model=net)
