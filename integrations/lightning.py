@@ -16,7 +16,6 @@ Requires ``pip install 'stepguard[lightning]'``.
 from __future__ import annotations
 
 import logging
-import math
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -25,9 +24,15 @@ from torch import Tensor, nn
 
 from stepguard.config import GuardConfig
 from stepguard.guard import StepGuard
+from stepguard.integrations._callbacks import (
+    DEFAULT_MAX_REPORTS,
+    CollectSink,
+    KeepOpen,
+    check_max_reports,
+)
 from stepguard.policy import Policy
 from stepguard.report import StepReport
-from stepguard.sinks.base import Sink, SinkSet
+from stepguard.sinks.base import Sink
 
 try:
     from lightning.pytorch.callbacks import Callback
@@ -41,12 +46,6 @@ except ImportError:  # the standalone package name
 
 logger = logging.getLogger("stepguard")
 
-DEFAULT_MAX_REPORTS = 1000
-"""How many of the most recent reports ``StepGuardCallback.reports`` keeps by default."""
-
-LOGGED_FIELDS: tuple[str, ...] = ("r", "rho_a", "tau", "applied_tau", "delta_a", "scale")
-"""Report fields logged with their value at the last step of each logging window."""
-
 ModelFn = Callable[[nn.Module], nn.Module]
 """Picks, from the LightningModule, the module whose forward makes the logits."""
 
@@ -54,80 +53,6 @@ TargetsFn = Callable[[Any], Tensor | None]
 """Picks the targets (class indices) from a training batch, or None."""
 
 _F = TypeVar("_F")
-
-
-class _Window:
-    """The reports since the last log point, reduced to what the log shows (constant memory)."""
-
-    def __init__(self) -> None:
-        self.last: StepReport | None = None
-        self.r_max = math.nan
-        self.clipped = 0
-        self.vetoed = 0
-
-    def add(self, report: StepReport) -> None:
-        self.last = report
-        if not math.isnan(report.r) and (math.isnan(self.r_max) or report.r > self.r_max):
-            self.r_max = report.r
-        self.clipped += report.action == "clip"
-        self.vetoed += report.action == "veto"
-
-    def metrics(self, suffix: str = "") -> dict[str, float]:
-        """``stepguard/<field><suffix>`` of the last report, plus r_max and the action counts."""
-        assert self.last is not None
-        values = {name: float(getattr(self.last, name)) for name in LOGGED_FIELDS}
-        values |= {"r_max": self.r_max, "clipped": float(self.clipped), "vetoed": float(self.vetoed)}
-        return {f"stepguard/{name}{suffix}": value for name, value in values.items()}
-
-
-class _Collect:
-    """The sink through which the callback sees every report of one optimizer."""
-
-    name = "lightning-log"
-
-    def __init__(self, reports: deque[StepReport], every: deque[StepReport]) -> None:
-        self.reports = reports
-        self.every = every
-        self.window = _Window()
-
-    def write(self, report: StepReport) -> None:
-        self.reports.append(report)
-        self.every.append(report)
-        self.window.add(report)
-
-    def take_window(self) -> _Window | None:
-        """The window since the last call (None when no step was reported in it)."""
-        if self.window.last is None:
-            return None
-        window, self.window = self.window, _Window()
-        return window
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class _KeepOpen:
-    """A user's sink as a guard sees it: the guard's ``close()`` only flushes it.
-
-    Every ``fit`` builds new guards; the sinks outlive them and are closed by
-    :meth:`StepGuardCallback.close`.
-    """
-
-    def __init__(self, sink: Sink) -> None:
-        self.sink = sink
-        self.name = SinkSet.name_of(sink)
-
-    def write(self, report: StepReport) -> None:
-        self.sink.write(report)
-
-    def flush(self) -> None:
-        self.sink.flush()
-
-    def close(self) -> None:
-        self.sink.flush()
 
 
 class StepGuardCallback(Callback):
@@ -180,10 +105,7 @@ class StepGuardCallback(Callback):
             raise TypeError(
                 "model_fn takes a function of the LightningModule, e.g. lambda m: m.net, not a module"
             )
-        if max_reports is not None and (not isinstance(max_reports, int) or max_reports < 1):
-            raise ValueError(
-                f"max_reports must be a positive int (or None to keep every report), got {max_reports!r}"
-            )
+        check_max_reports(max_reports)
         self.policy = policy
         self.sinks = list(sinks)
         self.config = config
@@ -195,8 +117,8 @@ class StepGuardCallback(Callback):
         self.guards: list[StepGuard] = []
         self.reports: deque[StepReport] = deque(maxlen=max_reports)
         self.optimizer_reports: list[deque[StepReport]] = []
-        self._sinks = [_KeepOpen(sink) for sink in self.sinks]
-        self._collects: list[_Collect] = []
+        self._sinks = [KeepOpen(sink) for sink in self.sinks]
+        self._collects: list[CollectSink] = []
         self._targets_fns: list[TargetsFn] = []
         self._resume_step: int | None = None
 
@@ -208,7 +130,9 @@ class StepGuardCallback(Callback):
         previous = [guard.engine.state_dict() for guard in self.guards]
         self._release_guards()
         self.optimizer_reports = [deque(maxlen=self.max_reports) for _ in optimizers]
-        self._collects = [_Collect(reports, self.reports) for reports in self.optimizer_reports]
+        self._collects = [
+            CollectSink("lightning-log", reports, self.reports) for reports in self.optimizer_reports
+        ]
         self.guards = [
             self._guard(optimizer, index, model_fns[index], pl_module)
             for index, optimizer in enumerate(optimizers)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from collections import deque
 from collections.abc import Iterable
@@ -37,10 +36,11 @@ from typing import Any
 from stepguard.config import GuardConfig
 from stepguard.guard import StepGuard
 from stepguard.hooks import GuardHandle, attach
+from stepguard.integrations._callbacks import DEFAULT_MAX_REPORTS, CollectSink, KeepOpen, check_max_reports
 from stepguard.policy import Policy
 from stepguard.report import StepReport
 from stepguard.rows import causal_lm_rows
-from stepguard.sinks.base import Sink, SinkSet
+from stepguard.sinks.base import Sink
 
 try:
     from transformers import TrainerCallback
@@ -53,86 +53,6 @@ logger = logging.getLogger("stepguard")
 
 STATE_FILE = "stepguard_state.json"
 """The file, inside each Trainer checkpoint folder, that holds the guard's state."""
-
-DEFAULT_MAX_REPORTS = 1000
-"""How many of the most recent reports ``StepGuardCallback.reports`` keeps by default."""
-
-LOGGED_FIELDS: tuple[str, ...] = ("r", "rho_a", "tau", "applied_tau", "delta_a", "scale")
-"""Report fields logged with their value at the last step of each logging window."""
-
-
-class _Window:
-    """The reports since the last log point, reduced to what the log shows (constant memory)."""
-
-    def __init__(self) -> None:
-        self.last: StepReport | None = None
-        self.r_max = math.nan
-        self.clipped = 0
-        self.vetoed = 0
-
-    def add(self, report: StepReport) -> None:
-        self.last = report
-        if not math.isnan(report.r) and (math.isnan(self.r_max) or report.r > self.r_max):
-            self.r_max = report.r
-        self.clipped += report.action == "clip"
-        self.vetoed += report.action == "veto"
-
-    def metrics(self) -> dict[str, float]:
-        """``stepguard/<field>`` of the last report, plus the window's r_max and action counts."""
-        assert self.last is not None
-        metrics = {f"stepguard/{name}": float(getattr(self.last, name)) for name in LOGGED_FIELDS}
-        metrics["stepguard/r_max"] = self.r_max
-        metrics["stepguard/clipped"] = float(self.clipped)
-        metrics["stepguard/vetoed"] = float(self.vetoed)
-        return metrics
-
-
-class _Collect:
-    """The sink through which the callback sees every report."""
-
-    name = "transformers-log"
-
-    def __init__(self, max_reports: int | None) -> None:
-        self.reports: deque[StepReport] = deque(maxlen=max_reports)
-        self.window = _Window()
-
-    def write(self, report: StepReport) -> None:
-        self.reports.append(report)
-        self.window.add(report)
-
-    def take_window(self) -> _Window | None:
-        """The window since the last call (None when no step was reported in it)."""
-        if self.window.last is None:
-            return None
-        window, self.window = self.window, _Window()
-        return window
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class _KeepOpen:
-    """A user's sink as the guard sees it: the guard's ``close()`` only flushes it.
-
-    The callback re-attaches the guard at every ``train()``; the sinks must outlive each
-    attachment and are closed by :meth:`StepGuardCallback.close`.
-    """
-
-    def __init__(self, sink: Sink) -> None:
-        self.sink = sink
-        self.name = SinkSet.name_of(sink)
-
-    def write(self, report: StepReport) -> None:
-        self.sink.write(report)
-
-    def flush(self) -> None:
-        self.sink.flush()
-
-    def close(self) -> None:
-        self.sink.flush()
 
 
 class StepGuardCallback(TrainerCallback):
@@ -171,12 +91,12 @@ class StepGuardCallback(TrainerCallback):
         self.config = config
         self.causal_lm = causal_lm
         self.handle: GuardHandle | None = None
-        self._collect = _Collect(_check_max_reports(max_reports))
-        self._sinks = [_KeepOpen(sink) for sink in self.sinks]
+        self._collect = CollectSink("transformers-log", deque(maxlen=check_max_reports(max_reports)))
+        self._sinks = [KeepOpen(sink) for sink in self.sinks]
 
     @property
     def reports(self) -> deque[StepReport]:
-        return self._collect.reports
+        return self._collect.stores[0]
 
     def on_train_begin(
         self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any
@@ -253,11 +173,3 @@ class StepGuardCallback(TrainerCallback):
             self.handle.detach()
         for sink in self.sinks:
             sink.close()
-
-
-def _check_max_reports(max_reports: int | None) -> int | None:
-    if max_reports is not None and (not isinstance(max_reports, int) or max_reports < 1):
-        raise ValueError(
-            f"max_reports must be a positive int (or None to keep every report), got {max_reports!r}"
-        )
-    return max_reports
