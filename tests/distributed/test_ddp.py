@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from ranks import join_gloo, spawn_ranks
 
 WORLD = 2
 STEPS = 12
@@ -23,9 +23,7 @@ def _worker(rank: int, store: str, out: str, policy: str, budget: float | None) 
 
     from stepguard import StepGuard
 
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    join_gloo(rank, store, WORLD)
     try:
         torch.manual_seed(0)  # same initial model on both ranks
         net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
@@ -67,20 +65,7 @@ def _worker(rank: int, store: str, out: str, policy: str, budget: float | None) 
 
 
 def _run(tmp_path: Path, policy: str, budget: float | None) -> list[dict]:
-    ctx = mp.get_context("spawn")
-    procs = [
-        ctx.Process(target=_worker, args=(rank, str(tmp_path / "store"), str(tmp_path), policy, budget))
-        for rank in range(WORLD)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    codes = [p.exitcode for p in procs]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert codes == [0] * WORLD, f"worker exit codes {codes}"
+    spawn_ranks(_worker, tmp_path, policy, budget, world=WORLD, timeout=240)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from ranks import join_gloo, spawn_ranks
 from torch import nn
 
 WORLD = 2
@@ -65,9 +65,7 @@ def _worker(rank: int, store: str, out: str, case: str) -> None:
 
     from stepguard import StepGuard, VetoPolicy
 
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    join_gloo(rank, store, WORLD)
     try:
         net = _shard(make_net())
         opt = torch.optim.Adam(net.parameters(), lr=1e-2)
@@ -117,17 +115,7 @@ def _worker(rank: int, store: str, out: str, case: str) -> None:
 
 
 def _run(tmp_path: Path, case: str) -> list[dict]:
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(rank, str(tmp_path / "store"), str(tmp_path), case))
-             for rank in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in procs] == [0] * WORLD
+    spawn_ranks(_worker, tmp_path, case, world=WORLD, timeout=240)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from ranks import join_gloo, spawn_ranks
 from torch import nn
 
 WORLD = 2
@@ -93,9 +93,7 @@ def load(directory: str, net, guard) -> None:
 def _worker(rank: int, store: str, out: str, case: str) -> None:
     import torch.distributed as dist
 
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    join_gloo(rank, store, WORLD)
     try:
         result: dict = {}
         if case == "resume":
@@ -132,17 +130,7 @@ def _worker(rank: int, store: str, out: str, case: str) -> None:
 
 
 def _run(tmp_path: Path, case: str) -> list[dict]:
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(rank, str(tmp_path / "store"), str(tmp_path), case))
-             for rank in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in procs] == [0] * WORLD
+    spawn_ranks(_worker, tmp_path, case, world=WORLD, timeout=240)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from ranks import join_gloo, spawn_ranks
 
 WORLD = 2
 
@@ -20,9 +20,7 @@ def _worker(rank: int, store: str, out: str, case: str) -> None:
 
     from stepguard import GuardConfig, StepGuard
 
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    join_gloo(rank, store, WORLD)
     try:
         torch.manual_seed(0)
         hidden = 16 if case != "model" or rank == 0 else 24
@@ -46,19 +44,7 @@ def _worker(rank: int, store: str, out: str, case: str) -> None:
 
 
 def _run(tmp_path: Path, case: str) -> list[tuple[str, str]]:
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(rank, str(tmp_path / "store"), str(tmp_path), case))
-             for rank in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    alive = [p.is_alive() for p in procs]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert not any(alive), "a rank hung"
-    assert [p.exitcode for p in procs] == [0] * WORLD
+    spawn_ranks(_worker, tmp_path, case, world=WORLD, timeout=120)
     return [tuple((tmp_path / f"rank{r}.txt").read_text().split("\n", 1)) for r in range(WORLD)]
 
 

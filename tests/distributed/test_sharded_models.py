@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from ranks import join_gloo, spawn_ranks
 
 WORLD = 2
 
@@ -19,9 +19,7 @@ def _worker(rank: int, store: str, out: str, case: str) -> None:
 
     from stepguard import StepGuard
 
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    join_gloo(rank, store, WORLD)
     try:
         net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
         if case == "fsdp2_partial":
@@ -52,17 +50,7 @@ def _worker(rank: int, store: str, out: str, case: str) -> None:
     ("tensor_parallel", "DTensor parameters (tensor or sequence parallel)"),
 ])
 def test_sharded_models_are_refused_naming_what_is_supported(tmp_path: Path, case: str, named: str) -> None:
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(rank, str(tmp_path / "store"), str(tmp_path), case))
-             for rank in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in procs] == [0] * WORLD
+    spawn_ranks(_worker, tmp_path, case, world=WORLD, timeout=120)
     for rank in range(WORLD):
         message = (tmp_path / f"rank{rank}.txt").read_text()
         assert named in message and "FSDP2 (fully_shard on a 1-D mesh)" in message
