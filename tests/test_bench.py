@@ -299,6 +299,7 @@ def tiny_llamas(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setitem(bench_models.LLAMAS, name, TINY_LLAMA)
 
 
+@pytest.mark.slow  # about 5 s: four memory runs under the profiler and the first-steps timing
 def test_llama_workload_in_reduced_form(tiny_llamas: None) -> None:
     settings = BenchSettings(
         models=("llama32k",),
