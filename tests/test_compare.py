@@ -128,7 +128,7 @@ def test_the_summary_ranges_time_and_gap(monkeypatch: pytest.MonkeyPatch) -> Non
     rows = [
         _row("plain", 1e-3, 0.95),
         _row("plain", 1e-2, 0.97),
-        _row("plain", 1e-1, 0.10, "diverged"),
+        _row("plain", 1e-1, 0.99, "diverged"),  # a diverged run is never plain's best
         _row("g", 1e-3, 0.95),
         _row("g", 1e-2, 0.965),
         _row("g", 1e-1, 0.98),
@@ -144,6 +144,10 @@ def test_the_summary_ranges_time_and_gap(monkeypatch: pytest.MonkeyPatch) -> Non
     assert cell["methods"]["plain"]["stable_lrs"] == [1e-2] and cell["methods"]["plain"]["diverged_lrs"] == [
         1e-1
     ]
+    for r in rows:
+        r.condition = "spike"
+    spiked = summarize(rows, Settings(workloads=("digits-mlp",), conditions=("spike",)))
+    assert math.isnan(spiked["workloads"]["digits-mlp"]["spike"]["methods"]["g"]["gap_at_plain_best_lr"])
 
 
 def test_a_workload_where_plain_diverges_everywhere_is_reported_and_left_out_of_the_totals() -> None:
@@ -217,3 +221,23 @@ def test_a_workload_whose_package_is_missing_gives_missing_rows(monkeypatch: pyt
     results = run_comparison(settings)
     assert [(r.method, r.status) for r in results] == [("plain", "missing"), ("stepguard", "missing")]
     assert "pip install transformers" in results[0].note
+
+
+def test_the_relative_policy_clips_what_stands_out_from_the_runs_own_r() -> None:
+    def decider():
+        policy = compare.relative_clip_policy(target_r=1.0, z=3.0, window=50, warmup=10, hard_r=10.0)
+
+        def decide(step: int, r: float) -> tuple[str, float]:
+            d = policy.decide(StepReport(step=step, tau=r, rho_a=1.0, r=r, delta_a=math.pi))
+            return d.action, d.scale
+
+        return decide
+
+    decide = decider()
+    assert decide(0, 20.0) == ("clip", pytest.approx(0.05))  # above the hard cap: clipped from the start
+    decide = decider()
+    assert decide(0, 3.0) == ("allow", 1.0)  # no history yet
+    for step in range(1, 30):
+        assert decide(step, 1.2 + 0.1 * (step % 3))[0] == "allow"  # r > 1 is this run's normal
+    assert decide(30, 6.0) == ("clip", pytest.approx(1 / 6))  # stands out: clipped to r = 1
+    assert decide(31, 0.5) == ("allow", 1.0)
