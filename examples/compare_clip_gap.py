@@ -5,7 +5,7 @@ ends a little worse than plain on the byte-level LM of ``stepguard compare``. Th
 trains plain AdamW under a ``monitor`` guard (which measures r and changes nothing), the
 ``clip`` preset and two warm-ups of its target (``warmup_clip_policy()``: r ≤ 3 for the
 first 100 steps, and ``warmup_clip_policy(1, 2, 10)``: r ≤ 2 for the first 10; then
-r ≤ 1) over a few seeds, and prints for each: the
+r ≤ 1) and ``relative_clip_policy()`` over a few seeds, and prints for each: the
 final validation loss (or test accuracy), its gap to plain, how many steps were clipped
 (and how many of them in the first 5 steps), and plain's r on its first 5 steps.
 
@@ -23,7 +23,7 @@ import torch
 from _common import parse_list, write_json
 
 from stepguard.policy import ClipPolicy
-from stepguard.tools.compare import guard_method, train, warmup_clip_policy
+from stepguard.tools.compare import guard_method, relative_clip_policy, train, warmup_clip_policy
 from stepguard.tools.compare_workloads import WORKLOADS, build_workload
 
 VARIANTS = {
@@ -31,6 +31,7 @@ VARIANTS = {
     "clip (r<=1)": lambda: ClipPolicy(1.0),
     "warmup 100 (r<=3)": warmup_clip_policy,
     "warmup 10 (r<=2)": lambda: warmup_clip_policy(1.0, 2.0, 10),
+    "relative": relative_clip_policy,
 }
 
 
@@ -55,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             run = train(workload, guard_method(name, policy), args.lr, seed=seed)
             clipped = [i for i, s in enumerate(run.scale) if s < 1]
             base = run.final if base is None else base
-            gap = (run.final - base) / abs(base) * (-1 if workload.higher_is_better else 1)
+            gap = (run.final - base) / abs(base) * (-1 if workload.higher_is_better else 1) + 0.0
             row = {
                 "seed": seed,
                 "variant": name,

@@ -746,8 +746,10 @@ def format_tables(results: Sequence[RunResult], summary: Mapping[str, Any]) -> s
             lrs = sorted({r.lr for r in rows})
             title = f"### {name}, {'LR spike ×1000' if condition == 'spike' else 'no spike'}: {metric}"
             note = ""
-            if cell["plain_diverges_everywhere"]:
-                note = "\n\nPlain AdamW diverges at every LR here: left out of the totals.\n"
+            if cell["plain_diverges_everywhere"] and condition == "none":
+                note = "\n\nPlain AdamW diverges at every LR here without a spike: left out of the totals."
+            elif cell["plain_diverges_everywhere"]:
+                note = "\n\nPlain AdamW diverges at every LR under the spike."
             what = "final (worst after the spike)" if condition == "spike" else "final"
             head = [
                 "method",
@@ -881,6 +883,9 @@ def plot(path: Path, results: Sequence[RunResult], summary: Mapping[str, Any]) -
     import matplotlib.pyplot as plt
 
     names = list(summary["workloads"])
+    every = list(dict.fromkeys(r.method for r in results))
+    palette = plt.get_cmap("tab20")
+    colors = {m: palette((2 * k) % 20 + (2 * k) // 20) for k, m in enumerate(every)}
     conditions = sorted({c for cells in summary["workloads"].values() for c in cells}, key=CONDITIONS.index)
     fig, axes = plt.subplots(
         len(names), len(conditions), figsize=(5.5 * len(conditions), 2.8 * len(names)), squeeze=False
@@ -902,7 +907,9 @@ def plot(path: Path, results: Sequence[RunResult], summary: Mapping[str, Any]) -
                     marker="o",
                     ms=3,
                     label=method,
-                    lw=2.2 if method.startswith("stepguard") else 1.0,
+                    color=colors[method],
+                    ls="-" if method.startswith("stepguard") else "--",
+                    lw=2.0 if method.startswith("stepguard") else 1.0,
                 )
             ax.set_xscale("log")
             ax.set_title(f"{name}, {'LR spike ×1000' if condition == 'spike' else 'no spike'}", fontsize=9)
