@@ -5,7 +5,7 @@ ends a little worse than plain on the byte-level LM of ``stepguard compare``. Th
 trains plain AdamW under a ``monitor`` guard (which measures r and changes nothing), the
 ``clip`` preset and two warm-ups of its target (``warmup_clip_policy()``: r ≤ 3 for the
 first 100 steps, and ``warmup_clip_policy(1, 2, 10)``: r ≤ 2 for the first 10; then
-r ≤ 1) and ``relative_clip_policy()`` over a few seeds, and prints for each: the
+r ≤ 1) and ``RelativeClipPolicy()`` (the ``clip-relative`` preset) over a few seeds, and prints for each: the
 final validation loss (or test accuracy), its gap to plain, how many steps were clipped
 (and how many of them in the first 5 steps), and plain's r on its first 5 steps.
 
@@ -22,8 +22,8 @@ from collections.abc import Sequence
 import torch
 from _common import parse_list, write_json
 
-from stepguard.policy import ClipPolicy
-from stepguard.tools.compare import guard_method, relative_clip_policy, train, warmup_clip_policy
+from stepguard.policy import ClipPolicy, RelativeClipPolicy
+from stepguard.tools.compare import guard_method, train, warmup_clip_policy
 from stepguard.tools.compare_workloads import WORKLOADS, build_workload
 
 VARIANTS = {
@@ -31,7 +31,7 @@ VARIANTS = {
     "clip (r<=1)": lambda: ClipPolicy(1.0),
     "warmup 100 (r<=3)": warmup_clip_policy,
     "warmup 10 (r<=2)": lambda: warmup_clip_policy(1.0, 2.0, 10),
-    "relative": relative_clip_policy,
+    "relative": RelativeClipPolicy,
 }
 
 

@@ -81,6 +81,12 @@ def _serve(sink, seconds: float) -> None:
         time.sleep(seconds)
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from stepguard.tools.compare import run_from_args
+
+    return run_from_args(args)
+
+
 def _bench(args: argparse.Namespace) -> int:
     from stepguard.tools.bench import run_from_args
 
@@ -228,6 +234,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_bench_arguments(bench)
     bench.set_defaults(func=_bench)
+
+    from stepguard.tools.compare import DESCRIPTION as COMPARE_DESCRIPTION
+    from stepguard.tools.compare import add_arguments as add_compare_arguments
+
+    compare = commands.add_parser(
+        "compare",
+        help="StepGuard beside clip_grad_norm_, ZClip, SPAM, StableSPAM and SkipStepAdamW over an LR sweep",
+        description=COMPARE_DESCRIPTION,
+    )
+    add_compare_arguments(compare)
+    compare.set_defaults(func=_compare)
 
     from stepguard.analysis.cli import add_analyze_command
 

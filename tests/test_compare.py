@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from stepguard.policy import RelativeClipPolicy
 from stepguard.report import StepReport
 from stepguard.tools import compare
 from stepguard.tools.compare import (
@@ -225,7 +226,7 @@ def test_a_workload_whose_package_is_missing_gives_missing_rows(monkeypatch: pyt
 
 def test_the_relative_policy_clips_what_stands_out_from_the_runs_own_r() -> None:
     def decider():
-        policy = compare.relative_clip_policy(target_r=1.0, z=3.0, window=50, warmup=10, hard_r=10.0)
+        policy = RelativeClipPolicy(target_r=1.0, z=3.0, window=50, warmup=10, hard_r=10.0)
 
         def decide(step: int, r: float) -> tuple[str, float]:
             d = policy.decide(StepReport(step=step, tau=r, rho_a=1.0, r=r, delta_a=math.pi))

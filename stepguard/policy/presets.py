@@ -19,7 +19,7 @@ from pathlib import Path
 
 from stepguard.policy.actions import Clip, Veto
 from stepguard.policy.base import Policy
-from stepguard.policy.conditions import NonFinite, Spike, Threshold
+from stepguard.policy.conditions import AllOf, NonFinite, Spike, Threshold
 from stepguard.policy.config import SUFFIXES
 from stepguard.policy.rule_policy import RulePolicy
 from stepguard.policy.rules import Rule
@@ -111,6 +111,55 @@ class VetoPolicy(RulePolicy):
         return f"VetoPolicy(max_r={self.max_r})"
 
 
+class RelativeClipPolicy(RulePolicy):
+    """The clip policy judged against the run's own r: clip to ``target_r`` only when r stands out.
+
+    Rules, in order: ``nonfinite`` (veto); ``clip_hard``: r > ``hard_r`` → clip to
+    ``target_r``; ``clip_r``: r > ``target_r`` and r is more than ``z`` standard deviations
+    above its mean over the last ``window`` steps (judged after ``warmup`` steps; steps
+    that fire stay out of the window) → clip to ``target_r``. On some models r > 1 is the
+    normal regime at a good learning rate (a tiny Llama: median r 1.1 over its first 80
+    steps), so the fixed r ≤ 1 of :class:`ClipPolicy` clips most of their steps; a spike
+    still stands out against the run's own r. The evidence is on the Comparison page.
+
+    Args:
+        target_r: the normalized step a clipped step gets.
+        z, window, warmup: the spike test on r (see :class:`~stepguard.policy.Spike`).
+        hard_r: above this r a step is clipped whatever the run's history.
+    """
+
+    def __init__(
+        self, target_r: float = 1.0, z: float = 3.0, window: int = 50, warmup: int = 10, hard_r: float = 10.0
+    ) -> None:
+        if not (0 < target_r < hard_r and math.isfinite(hard_r)):
+            raise ValueError(f"need 0 < target_r < hard_r < inf, got target_r={target_r}, hard_r={hard_r}")
+        self.target_r, self.hard_r = float(target_r), float(hard_r)
+        super().__init__(
+            [
+                _nonfinite(),
+                Rule(
+                    name="clip_hard",
+                    condition=Threshold(field="r", op=">", value=self.hard_r),
+                    action=Clip(target=self.target_r),
+                ),
+                Rule(
+                    name="clip_r",
+                    condition=AllOf(
+                        conditions=(
+                            Threshold(field="r", op=">", value=self.target_r),
+                            Spike(field="r", z=z, window=window, warmup=warmup),
+                        )
+                    ),
+                    action=Clip(target=self.target_r),
+                ),
+            ],
+            name="clip-relative",
+        )
+
+    def __repr__(self) -> str:
+        return f"RelativeClipPolicy(target_r={self.target_r}, hard_r={self.hard_r})"
+
+
 class SafePolicy(RulePolicy):
     """For production: clip on r, skip non-finite steps and loss spikes, halt on repeated vetoes.
 
@@ -178,6 +227,7 @@ class SafePolicy(RulePolicy):
 PRESETS: dict[str, type[RulePolicy]] = {
     "monitor": MonitorPolicy,
     "clip": ClipPolicy,
+    "clip-relative": RelativeClipPolicy,
     "veto": VetoPolicy,
     "safe": SafePolicy,
 }

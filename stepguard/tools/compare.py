@@ -42,8 +42,17 @@ import torch
 from torch import Tensor, nn
 
 from stepguard.guard import StepGuard
-from stepguard.policy import AllOf, Clip, NonFinite, Policy, Rule, RulePolicy, Threshold, Veto
-from stepguard.policy import Spike as SpikeCondition
+from stepguard.policy import (
+    AllOf,
+    Clip,
+    NonFinite,
+    Policy,
+    RelativeClipPolicy,
+    Rule,
+    RulePolicy,
+    Threshold,
+    Veto,
+)
 from stepguard.report import json_ready
 from stepguard.tools.compare_workloads import METRICS, WORKLOADS, Workload, build_workload, describe, needs
 
@@ -85,41 +94,6 @@ def warmup_clip_policy(
             ),
         ],
         name="clip-warmup",
-    )
-
-
-def relative_clip_policy(
-    target_r: float = 1.0, z: float = 3.0, window: int = 50, warmup: int = 10, hard_r: float = 10.0
-) -> RulePolicy:
-    """The clip policy judged against the run's own r: clip to ``target_r`` only when r stands out.
-
-    Rules, in order: ``nonfinite`` (veto); ``clip_hard``: r > ``hard_r`` → clip to
-    ``target_r``; ``clip_r``: r > ``target_r`` and r is more than ``z`` standard deviations
-    above its mean over the last ``window`` steps (judged after ``warmup`` steps; steps that
-    fire stay out of the window) → clip to ``target_r``. On some models r > 1 is the normal
-    regime at a good learning rate (a tiny Llama: median r 1.1 over its first 80 steps), so a
-    fixed r ≤ 1 clips most of its steps; a spike still stands out against the run's own r.
-    """
-    return RulePolicy(
-        [
-            Rule(name="nonfinite", condition=NonFinite(), action=Veto()),
-            Rule(
-                name="clip_hard",
-                condition=Threshold(field="r", op=">", value=hard_r),
-                action=Clip(target=target_r),
-            ),
-            Rule(
-                name="clip_r",
-                condition=AllOf(
-                    conditions=(
-                        Threshold(field="r", op=">", value=target_r),
-                        SpikeCondition(field="r", z=z, window=window, warmup=warmup),
-                    )
-                ),
-                action=Clip(target=target_r),
-            ),
-        ],
-        name="clip-relative",
     )
 
 
@@ -277,8 +251,8 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             "stepguard-relative",
-            "StepGuard(AdamW, policy=relative_clip_policy()): r > 10, or r > 1 and 3σ over its mean → r = 1",
-            _guarded(relative_clip_policy),
+            "StepGuard(AdamW, policy='clip-relative'): r > 10, or r > 1 and 3σ over its mean → r = 1",
+            _guarded(RelativeClipPolicy),
         ),
         Method(
             "stepguard-warmup10",
