@@ -198,7 +198,7 @@ class _BufferKeeper:
                     buffer.copy_(copy)
 
 
-def _looks_like_forward_ad_gap(exc: BaseException) -> bool:
+def looks_like_forward_ad_gap(exc: BaseException) -> bool:
     text = str(exc).lower()
     return isinstance(exc, NotImplementedError) or any(h in text for h in _FORWARD_AD_HINTS)
 
@@ -254,7 +254,7 @@ def logit_velocities(
             replay = functools.partial(_forward_mode, logits_at, primals, stacked, batch)
             return (*_under_rules(model, replay, batch, mode, chunk_size), "jvp")
         except Exception as exc:
-            if not _looks_like_forward_ad_gap(exc):
+            if not looks_like_forward_ad_gap(exc):
                 raise
             gap = describe_gap(exc, model)
             if estimator == "jvp":
@@ -283,7 +283,7 @@ def _under_rules(
             with replay_context(model, batch, mode), forward_rules(chunk_size, route=False):
                 return replay()
         except Exception as exc:
-            if not _looks_like_forward_ad_gap(exc):
+            if not looks_like_forward_ad_gap(exc):
                 raise
             _rules_needed[model] = True
     with replay_context(model, batch, mode), forward_rules(chunk_size) as rules:

@@ -24,7 +24,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
-from stepguard.geometry.jvp import Batch, Mode, replay_context
+from stepguard.geometry.forward_rules import ForwardADUnsupportedError, describe_gap, forward_rules
+from stepguard.geometry.jvp import Batch, Mode, looks_like_forward_ad_gap, replay_context
 from stepguard.geometry.logits import LogitsFn, extract_logits
 
 
@@ -104,15 +105,22 @@ class ShardedReplay:
         ``theta0`` and ``tangent`` hold this rank's shards by parameter name; every rank
         must call this together (the gathers are collectives).
         """
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(replay_context(self.model, batch, mode))
-            stack.enter_context(torch.no_grad())
-            stack.enter_context(fwAD.dual_level())
-            stack.enter_context(self._duals(theta0, tangent))
-            out = self.model(*batch.args, **batch.kwargs)
-            z, a = fwAD.unpack_dual(extract_logits(out, logits_fn))
-        for module in self.modules:
-            module.reshard()  # type: ignore[attr-defined]
+        try:
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(replay_context(self.model, batch, mode))
+                stack.enter_context(forward_rules())  # fused attention and other ops' rules, as unsharded
+                stack.enter_context(torch.no_grad())
+                stack.enter_context(fwAD.dual_level())
+                stack.enter_context(self._duals(theta0, tangent))
+                out = self.model(*batch.args, **batch.kwargs)
+                z, a = fwAD.unpack_dual(extract_logits(out, logits_fn))
+        except Exception as exc:
+            if looks_like_forward_ad_gap(exc):  # no finite-difference fallback across shards
+                raise ForwardADUnsupportedError(describe_gap(exc, self.model)) from exc
+            raise
+        finally:
+            for module in self.modules:
+                module.reshard()  # type: ignore[attr-defined]
         if a is None:
             a = torch.zeros_like(z)
         return z.detach(), a.detach()

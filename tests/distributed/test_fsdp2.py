@@ -171,3 +171,56 @@ def test_veto_restores_every_shard_and_the_sharded_optimizer_state(tmp_path: Pat
     for result in _run(tmp_path, "veto"):
         assert result["actions"] == ["veto"] * 3
         assert result["bitwise"]
+
+
+class _CausalAttention(nn.Module):
+    """One causal SDPA layer: the fused kernel has no forward-AD rule of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 24)
+        self.out = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (t.transpose(1, 2) for t in self.inp(x).view(*x.shape[:2], 3, 2, 4).unbind(2))
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+        return self.out(attended.reshape(*x.shape[:2], 8))
+
+
+def _attention_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    return torch.randn(4, 6, 8, generator=gen), torch.randint(0, 5, (4, 6), generator=gen)
+
+
+def _attention_step(net: nn.Module, rows: slice) -> tuple[float, str]:
+    from stepguard import StepGuard
+
+    guard = StepGuard(torch.optim.SGD(net.parameters(), lr=0.5), model=net)
+    x, y = _attention_batch()
+    F.cross_entropy(net(x[rows]).reshape(-1, 5), y[rows].reshape(-1)).backward()
+    report = guard.step()
+    return report.r, report.estimator
+
+
+def _attention_worker(rank: int, store: str, out: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    join_gloo(rank, store, WORLD)
+    torch.manual_seed(0)
+    net = _CausalAttention()
+    for module in (net.inp, net.out, net):
+        fully_shard(module)
+    torch.save(_attention_step(net, slice(2 * rank, 2 * rank + 2)), f"{out}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+    os._exit(0)
+
+
+def test_the_sharded_replay_measures_fused_attention_by_the_jvp(tmp_path: Path) -> None:
+    spawn_ranks(_attention_worker, tmp_path, world=WORLD, timeout=240)
+    torch.manual_seed(0)
+    r, estimator = _attention_step(_CausalAttention(), slice(0, 4))
+    assert estimator == "jvp"
+    for rank in range(WORLD):
+        sharded_r, sharded_estimator = torch.load(tmp_path / f"rank{rank}.pt")
+        assert sharded_estimator == "jvp"
+        assert sharded_r == pytest.approx(r, rel=1e-5)
