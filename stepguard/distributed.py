@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from stepguard import costs, report
+from stepguard.measure import global_norm
 from stepguard.report import Reduction
 
 _COUNT = report.FIELDS["spread.count"].wire
@@ -175,23 +176,23 @@ def _short(value: str | None, limit: int = 120) -> str:
 
 
 def sharded_norms(
-    update_flats: list[Tensor], theta0_flats: list[Tensor], grads: list[Tensor]
+    local_tau: Tensor, update_flats: list[Tensor], theta0_flats: list[Tensor], grads: list[Tensor]
 ) -> dict[str, Tensor]:
     """τ, the gradient norm and cos(Δθ, θ₀) of parameters sharded across ranks (FSDP2).
 
     Each rank holds a shard of Δθ, θ₀ and the gradient; the global numbers come from the
-    sums Σ‖Δθ‖², Σ‖g‖², Σ⟨Δθ, θ₀⟩ and Σ‖θ₀‖² over the ranks, in float64, with one
-    ``all_reduce``. Returns 0-d tensors ``tau``, ``grad_norm`` and ``update_param_cosine``
-    (0 when either vector is zero), equal on every rank.
+    sums Σ‖Δθ‖² (from this rank's τ, already computed), Σ‖g‖², Σ⟨Δθ, θ₀⟩ and Σ‖θ₀‖² over
+    the ranks, with one ``all_reduce`` in float64. Returns 0-d tensors ``tau``,
+    ``grad_norm`` and ``update_param_cosine`` (0 when either vector is zero), equal on
+    every rank.
     """
     wide = torch.float64
-    zero = torch.zeros((), dtype=wide, device=update_flats[0].device if update_flats else None)
+    zero = torch.zeros((), dtype=wide, device=local_tau.device)
     sums = torch.stack([
-        sum((f.to(wide).square().sum() for f in update_flats), zero),
-        sum((g.to(wide).square().sum() for g in grads), zero),
-        sum((torch.dot(f.to(wide), t.to(wide)) for f, t in zip(update_flats, theta0_flats, strict=True)),
-            zero),
-        sum((t.to(wide).square().sum() for t in theta0_flats), zero),
+        local_tau.to(wide).square(),
+        global_norm(grads).to(wide, copy=False).square().to(local_tau.device) if grads else zero,
+        sum((torch.dot(f, t).to(wide) for f, t in zip(update_flats, theta0_flats, strict=True)), zero),
+        sum((torch.linalg.vector_norm(t, dtype=wide).square() for t in theta0_flats), zero),
     ])
     if is_distributed():
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)

@@ -378,7 +378,7 @@ class GuardEngine:
         """Global τ, gradient norm and update/parameter cosine from this rank's shards (FSDP2)."""
         with torch.no_grad():
             grads = [local_tensor(p.grad) for p in self._params() if p.grad is not None]
-            return sharded_norms(update.flats, [g.theta0 for g in update.groups], grads)
+            return sharded_norms(update.tau, update.flats, [g.theta0 for g in update.groups], grads)
 
     def _params(self) -> list[Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
