@@ -11,6 +11,9 @@
   active torch-function mode makes their fused fast paths (``_native_multi_head_attention``,
   ``_transformer_encoder_layer_fwd``) step aside, and the composite path calls
   ``scaled_dot_product_attention``;
+* ``F.linear`` with a large output (a language model's head: the logits) goes to
+  :func:`stepguard.geometry.linear.linear`, whose tangent takes one output-sized tensor
+  where PyTorch's rule takes three (on dual tensors; under ``torch.func`` PyTorch's rule);
 * functions and modules compiled with ``torch.compile`` run eagerly (``force_eager``), so the
   rules above see their ops.
 
@@ -34,13 +37,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from stepguard.geometry import linear
 from stepguard.geometry.attention import DEFAULT_CHUNK_SIZE, attention
 
 _GROUPED_MM_OPS = frozenset({"aten::_grouped_mm", "transformers::grouped_mm_fallback"})
 
 
 class ForwardRules(TorchFunctionMode):
-    """Routes the ops without a forward-mode derivative to rules that have one.
+    """Routes the ops without a forward-mode derivative to rules that have one (and large
+    linear outputs to a rule that needs less memory).
 
     Args:
         chunk_size: keys per block in the attention tangent (memory O(T·chunk) per head).
@@ -70,6 +75,11 @@ class ForwardRules(TorchFunctionMode):
         if func is F.multi_head_attention_forward:
             self.fired += 1
             return self._multi_head_attention(*args, **kwargs)
+        if func is F.linear:
+            x, weight, bias = _linear_arguments(*args, **kwargs)
+            if linear.applies(x, weight):
+                self.fired += 1
+                return linear.linear(x, weight, bias)
         return func(*args, **kwargs)
 
     def _multi_head_attention(self, *args: Any, **kwargs: Any) -> Any:
@@ -101,6 +111,12 @@ class ForwardRules(TorchFunctionMode):
         return attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, chunk_size=self.chunk_size
         )
+
+
+def _linear_arguments(
+    input: Tensor, weight: Tensor, bias: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    return input, weight, bias
 
 
 def _rebind(func: Callable[..., Any], **names: Any) -> Callable[..., Any]:
