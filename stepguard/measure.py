@@ -102,7 +102,8 @@ def measure_update(
             head that part's targets).
         velocity_fn: ``velocity_fn(batch, theta0, tangent) -> (z, a)`` replaces the JVP
             of :func:`~stepguard.geometry.jvp.logit_velocities` (the sharded replay under
-            FSDP2 passes its own); ``tangent`` is Δθ/τ.
+            FSDP2 passes its own); it is called with Δθ as the tangent, and its velocity
+            is scaled by 1/τ in place.
 
     Returns:
         ``(estimator_used, scalars, vectors)`` of tensors on the device; the estimator is
@@ -111,10 +112,9 @@ def measure_update(
     parts = [Part(batch, targets, mask)] if isinstance(batch, Batch) else list(batch)
     if not parts:
         raise ValueError("measure_update needs at least one batch")
+    # J·(Δθ/τ) = (J·Δθ)/τ: the replay runs along Δθ itself and its velocities are scaled,
+    # so no scaled copy of the update is ever made
     scale = torch.where(tau > 0, 1.0 / tau, torch.zeros_like(tau))
-    names = list(update)
-    scaled = torch._foreach_mul([update[n] for n in names], scale.to(update[names[0]].dtype))
-    tangent = dict(zip(names, scaled, strict=True))
     jvp_seconds = statistics_seconds = 0.0
     columns: list[RowColumns | None] = []
     used = "jvp"
@@ -123,17 +123,19 @@ def measure_update(
             before_part(part)
         started = time.perf_counter()
         if velocity_fn is not None:
-            z, velocity = velocity_fn(part.batch, theta0, tangent)
+            z, velocity = velocity_fn(part.batch, theta0, update)
+            velocity.mul_(scale.to(velocity.dtype))
         else:
             z, velocities, part_used = logit_velocities(
                 model,
                 dict(theta0),
-                [tangent],
+                [update],
                 part.batch,
                 logits_fn=logits_fn,
                 mode=config.mode,
                 estimator=estimator or config.estimator,
                 fd_epsilon=config.fd_epsilon,
+                tangent_scale=scale,
             )
             velocity = velocities[0]
             if part_used != "jvp":

@@ -9,6 +9,7 @@ along Δθ/τ (:func:`~stepguard.measure.measure_update`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from collections.abc import Callable, Mapping
@@ -25,7 +26,7 @@ from stepguard.geometry.logits import LogitsFn
 from stepguard.geometry.sharded import ShardedReplay, fsdp2_modules, local_tensor
 from stepguard.measure import Part, measure_update
 from stepguard.output_check import OutputCheck
-from stepguard.snapshot import ParameterSnapshot, Update
+from stepguard.snapshot import ParameterSnapshot, Update, alias
 
 logger = logging.getLogger("stepguard")
 
@@ -160,11 +161,24 @@ class MeasuredModel:
         primals: dict[str, Tensor] = {}
         tangent: dict[str, Tensor] = {}
         for name, p, i in self._layout:
-            # Each primal gets its own storage: a dual tensor made from a slice of the flat θ₀
-            # makes forward-mode AD give the whole buffer a tangent, once per parameter.
             own = local_tensor(p)  # this rank's shard under FSDP2, else p
-            primals[name] = own.detach() if i is None else theta0[i].clone()
-            tangent[name] = torch.zeros_like(own) if i is None else delta[i]
+            primals[name] = own.detach() if i is None else alias(theta0[i])
+            tangent[name] = torch.zeros_like(own) if i is None else alias(delta[i])
+        with contextlib.ExitStack() as stack:
+            if update is not None:  # along 2^e·Δθ, which is Δθ again afterwards, bit for bit
+                tau = stack.enter_context(update.scaled_near_unit())
+            return self._measure_parts(primals, tangent, tau, parts, estimator, summarize_on_host, timings)
+
+    def _measure_parts(
+        self,
+        primals: dict[str, Tensor],
+        tangent: dict[str, Tensor],
+        tau: Tensor,
+        parts: list[Part],
+        estimator: str,
+        summarize_on_host: bool,
+        timings: dict[str, float],
+    ) -> tuple[str, dict[str, Tensor], dict[str, Tensor]]:
         head = self.head
         velocity_fn = None
         if self.sharded is not None:

@@ -16,8 +16,9 @@ one op each, which is what keeps an unmeasured step cheap (see docs/performance.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,18 @@ def _layout_of(params: Sequence[Tensor]) -> tuple[Layout, int]:
 def _views(flat: Tensor, layout: Layout) -> list[Tensor]:
     """Views into ``flat`` with the parameters' shapes (row-major, whatever their own strides)."""
     return [flat[offset : offset + shape.numel()].view(shape) for shape, offset in layout]
+
+
+def alias(view: Tensor) -> Tensor:
+    """A tensor over ``view``'s memory that autograd does not know as a view.
+
+    Forward-mode AD gives a dual made from a view a tangent for the view's whole base, and
+    copies a tangent whose layout (offset, strides, storage size) differs from its primal's.
+    A slice of θ₀'s flat buffer paired with the same slice of Δθ's, both aliased, becomes a
+    dual with no copy at all.
+    """
+    out = torch.empty(0, dtype=view.dtype, device=view.device)
+    return out.set_(view.untyped_storage(), view.storage_offset(), view.shape, view.stride())
 
 
 @dataclass
@@ -79,6 +92,28 @@ class Update:
                         out[i] = view
                 self._views = out
         return self._views
+
+    @contextlib.contextmanager
+    def scaled_near_unit(self) -> Iterator[Tensor]:
+        """Δθ scaled in place by 2^e, with 1 < τ·2^e ≤ 2 (e clamped to [0, 14]), and back.
+
+        Yields τ·2^e. Multiplying by a power of two is exact, so the flats come back bit
+        for bit; e ≥ 0 never pushes an element towards the subnormals, and 2^14 fits in
+        float16. A tangent near unit length keeps a replay in half precision away from
+        underflow, as Δθ/τ would, without a scaled copy of Δθ.
+        """
+        _, exponent = torch.frexp(torch.where(self.tau > 0, 1.0 / self.tau, 1.0))
+        exponent = exponent.clamp(0, 14)  # 1/τ = m·2^e with m in [0.5, 1)
+        power = torch.ldexp(torch.ones_like(self.tau), exponent)
+        with torch.no_grad():
+            for flat in self.flats:
+                flat.mul_(power.to(flat.device, flat.dtype))
+        try:
+            yield self.tau * power
+        finally:
+            with torch.no_grad():
+                for flat in self.flats:
+                    flat.mul_((1.0 / power).to(flat.device, flat.dtype))
 
     def sketch(self, indices: Sequence[Tensor]) -> Tensor:
         """Δθ at fixed coordinates (one index tensor per group), in the widest dtype present."""

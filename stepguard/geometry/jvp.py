@@ -214,8 +214,9 @@ def logit_velocities(
     estimator: EstimatorChoice = "auto",
     fd_epsilon: float | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    tangent_scale: Tensor | float = 1.0,
 ) -> tuple[Tensor, Tensor, str]:
-    """Logits z(θ) and their derivatives along each tangent, on the replayed batch.
+    """Logits z(θ) and their derivatives along each tangent times ``tangent_scale``, on the replayed batch.
 
     Args:
         model: the module (unwrapped: no DDP / compile wrapper).
@@ -230,6 +231,9 @@ def logit_velocities(
             no forward-mode rule).
         fd_epsilon: step of the central difference (default: cube root of the dtype's eps).
         chunk_size: keys per block of the attention tangent (memory O(T·chunk) per head).
+        tangent_scale: s, a scalar: the velocities are J·(s·t), computed as s·(J·t) (the
+            JVP is linear in t) so that no scaled copy of a tangent is made; the finite
+            difference steps by ε·s·t.
 
     Returns:
         ``(logits, velocities, estimator_used)``; velocities have shape (D, *logits.shape)
@@ -252,7 +256,8 @@ def logit_velocities(
     if estimator in ("auto", "jvp"):
         try:
             replay = functools.partial(_forward_mode, logits_at, primals, stacked, batch)
-            return (*_under_rules(model, replay, batch, mode, chunk_size), "jvp")
+            z, velocities = _under_rules(model, replay, batch, mode, chunk_size)
+            return z, _scaled(velocities, tangent_scale), "jvp"
         except Exception as exc:
             if not looks_like_forward_ad_gap(exc):
                 raise
@@ -261,8 +266,14 @@ def logit_velocities(
                 raise ForwardADUnsupportedError(gap) from exc
             warn_fallback(gap)
     with replay_context(model, batch, mode):
-        z, a = _finite_difference(logits_at, primals, stacked, batch, fd_epsilon)
+        z, a = _finite_difference(logits_at, primals, stacked, batch, fd_epsilon, tangent_scale)
     return z, a, "finite_difference"
+
+
+def _scaled(velocities: Tensor, scale: Tensor | float) -> Tensor:
+    if isinstance(scale, Tensor):
+        return velocities.mul_(scale.to(velocities.dtype))
+    return velocities if scale == 1.0 else velocities.mul_(scale)
 
 
 _rules_needed: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
@@ -328,9 +339,12 @@ def _finite_difference(
     tangents: list[dict[str, Tensor]],
     batch: Batch,
     epsilon: float | None,
+    scale: Tensor | float = 1.0,
 ) -> tuple[Tensor, Tensor]:
+    """(z(θ+ε·s·t) − z(θ−ε·s·t)) / 2ε for each tangent t: the derivative along s·t."""
     dtype = next(iter(primals.values())).dtype
     eps = epsilon if epsilon is not None else float(torch.finfo(dtype).eps) ** (1.0 / 3.0)
+    step = eps * scale
     rng = batch.rng_state
 
     def at(theta: Mapping[str, Tensor]) -> Tensor:
@@ -342,7 +356,7 @@ def _finite_difference(
         z = at(primals)
         rows = []
         for tangent in tangents:
-            plus = at({n: p + eps * tangent[n] for n, p in primals.items()})
-            minus = at({n: p - eps * tangent[n] for n, p in primals.items()})
+            plus = at({n: p + step * tangent[n] for n, p in primals.items()})
+            minus = at({n: p - step * tangent[n] for n, p in primals.items()})
             rows.append((plus - minus) / (2 * eps))
     return z.detach(), torch.stack(rows)
