@@ -22,6 +22,13 @@ class Policy(ABC):
     the policy's because the copy must be taken before the optimizer runs, before any
     decision exists. A policy that never vetoes sets it False and spares the copy.
 
+    ``changes_steps`` says whether the policy can ever clip or veto. True (the default, the
+    safe answer for a policy the guard cannot see into): when anything raises between the
+    inner step and the commit, the guard puts θ₀ back. False: the policy only watches, so
+    the step stays as the optimizer made it, as it would have without the guard. A
+    :class:`~stepguard.policy.RulePolicy` derives it from its rules' actions (``monitor``,
+    with no rules, and a policy of ``warn`` rules never change a step).
+
     The policies StepGuard ships are rule-based (:class:`~stepguard.policy.RulePolicy`,
     built from configuration with ``RulePolicy.from_config`` or ``RulePolicy.from_path``).
     Subclass ``Policy`` directly for a decision rule that is easier to write as code.
@@ -29,6 +36,7 @@ class Policy(ABC):
 
     name: str = "policy"
     needs_state_backup: bool = True
+    changes_steps: bool = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

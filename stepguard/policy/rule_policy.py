@@ -106,9 +106,8 @@ class RulePolicy(Policy):
     def _configure(self, config: PolicyConfig) -> None:
         self.config = config
         self.name = config.name
-        self.needs_state_backup = config.restore_optimizer_state and any(
-            a.can_veto for rule in config.rules for a in _actions_of(rule)
-        )
+        self.changes_steps = any(a.can_veto for rule in config.rules for a in _actions_of(rule))
+        self.needs_state_backup = config.restore_optimizer_state and self.changes_steps
         self._state = self.init()
 
     @classmethod

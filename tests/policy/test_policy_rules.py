@@ -431,6 +431,31 @@ def test_restore_optimizer_state_is_what_needs_state_backup_reports() -> None:
     assert not RulePolicy([Rule(name="w", condition="r > 1", action="warn")]).needs_state_backup
 
 
+def test_changes_steps_comes_from_the_rules_actions_and_defaults_to_true() -> None:
+    from stepguard.policy import Policy
+    from stepguard.report import Decision
+
+    warn = Rule(name="w", condition="r > 1", action="warn")
+    assert not MonitorPolicy().changes_steps and not RulePolicy().changes_steps
+    assert not RulePolicy([warn]).changes_steps
+    assert not RulePolicy([warn, Rule(name="ok", condition="r < 0.1", action="allow")]).changes_steps
+    for action in ("clip", "veto", "halt", "backoff"):
+        policy = RulePolicy([Rule(name="x", condition="r > 1", action=action)], restore_optimizer_state=False)
+        assert policy.changes_steps and not policy.needs_state_backup, action
+    escalating = RulePolicy([{"name": "w", "condition": "r > 1", "action": "warn",
+                              "escalate": {"after": 3, "action": "veto"}}])
+    assert escalating.changes_steps
+    assert all(preset().changes_steps for preset in (ClipPolicy, VetoPolicy, SafePolicy))
+
+    class Custom(Policy):  # the guard cannot see into decide(): assume it changes steps
+        needs_state_backup = False
+
+        def decide(self, report: StepReport) -> Decision:
+            return Decision()
+
+    assert Custom().changes_steps
+
+
 def test_pure_update_does_not_touch_the_policy_or_its_input_state() -> None:
     policy = SafePolicy(spike_warmup=2, spike_window=4)
     state = policy.init()
