@@ -121,6 +121,27 @@ def test_an_error_in_the_measurement_rolls_the_step_back(policy: str) -> None:
     assert sum(guard.counters.values()) == 1
 
 
+@pytest.mark.parametrize("changes_steps", [False, True])
+def test_an_error_after_the_step_keeps_it_only_under_a_policy_that_never_changes_steps(
+    changes_steps: bool,
+) -> None:
+    net = TupleNet()
+    warn = stepguard.Rule(name="w", condition="r > 1", action="warn")
+    clip = stepguard.Rule(name="c", condition="r > 1", action="clip")
+    policy = stepguard.RulePolicy([warn, clip] if changes_steps else [warn], restore_optimizer_state=False)
+    assert policy.changes_steps == changes_steps and not policy.needs_state_backup
+    guard = StepGuard(torch.optim.SGD(net.parameters(), lr=0.5), model=net, policy=policy,
+                      logits_fn=lambda out: out[0])
+    x, y = data()
+    F.cross_entropy(net(x)[0], y).backward()
+    theta = params_of(net)
+    guard.engine.measured.logits_fn = None  # the measurement raises after the inner step
+    with pytest.raises(TypeError, match="cannot find logits"):
+        guard.step()
+    moved = any(not torch.equal(a, b) for a, b in zip(params_of(net), theta, strict=True))
+    assert moved != changes_steps  # the optimizer's step stays, as without the guard, or θ₀ is back
+
+
 class InterruptedNet(nn.Module):
     """Raises KeyboardInterrupt inside the guard's replay when armed."""
 

@@ -1,0 +1,49 @@
+"""The guard's state in a checkpoint: what ``state_dict()`` keeps under ``"stepguard"``, read back."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from stepguard.ledger import StepLedger
+from stepguard.policy import Policy
+from stepguard.report import ACTIONS
+from stepguard.trigger import MeasurementTrigger
+
+
+def guard_state(
+    ledger: StepLedger, trigger: MeasurementTrigger, estimator: str, policy: Policy
+) -> dict[str, Any]:
+    """The committed-step counts, the measurement schedule, the estimator in use and the policy's state."""
+    schedule = trigger.state_dict()
+    return {
+        "step": ledger.step_count,
+        "counters": dict(ledger.counters),
+        "rule_counters": dict(ledger.rule_counters),
+        "last_rho": schedule["last_rho"],
+        "estimator": estimator,
+        "schedule": schedule["schedule"],
+        "policy": policy.state_dict(),
+        "consecutive_vetoes": ledger.vetoes.count,
+    }
+
+
+def load_guard_state(
+    state: Mapping[str, Any], ledger: StepLedger, trigger: MeasurementTrigger, policy: Policy, estimator: str
+) -> str:
+    """Resume ``ledger``, ``trigger`` and ``policy`` from :func:`guard_state`; returns the saved
+    estimator (``estimator`` when the state has none).
+
+    Raises:
+        ValueError: ``state`` is not a guard's state (it lacks ``step`` or ``counters``).
+    """
+    missing = {"step", "counters"} - set(state)
+    if missing:
+        raise ValueError(f"not a StepGuard state: missing {sorted(missing)}")
+    ledger.step_count = int(state["step"])
+    ledger.counters = {a: int(state["counters"].get(a, 0)) for a in ACTIONS}
+    ledger.rule_counters = {str(k): int(v) for k, v in state.get("rule_counters", {}).items()}
+    trigger.load_state_dict(state)
+    policy.load_state_dict(state.get("policy", {}))
+    ledger.vetoes.count = int(state.get("consecutive_vetoes", 0))
+    return state.get("estimator", estimator)
