@@ -8,6 +8,7 @@ so a replayed transition and the live step it came from report the same numbers.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 import time
@@ -23,7 +24,7 @@ from stepguard.diagnostics._rows import masked_mean, sorted_quantiles
 from stepguard.geometry.formulas import PI
 from stepguard.geometry.jvp import Batch, EstimatorChoice, logit_velocities
 from stepguard.geometry.logits import LogitsFn, mask_rows
-from stepguard.report import Estimator, Source, SpreadSummary, StepReport, row_summaries
+from stepguard.report import FIELDS, Estimator, Source, SpreadSummary, StepReport, row_summaries
 
 QUANTILES = (0.99, 0.9, 0.5)
 
@@ -611,6 +612,16 @@ def _estimated_report(
 
 _NO_SPREAD = SpreadSummary()
 
+#: The optional numbers of a measured step, as ``(field, measured name)``: every report field
+#: that defaults to None and is reduced across ranks (``rho_binary``, ``grad_norm``,
+#: ``sc_fraction`` …), read from the declarations in :mod:`stepguard.report`, so a new metric
+#: declared there reaches the report with no edit here. The loss has its own rule (:func:`_loss_value`).
+_MEASURED_OPTIONAL = tuple(
+    (f.name, FIELDS[f.name].wire)
+    for f in dataclasses.fields(StepReport)
+    if f.default is None and FIELDS[f.name].reduce != "none" and f.name != "loss"
+)
+
 
 def _loss_value(values: Mapping[str, Any], loss: Any) -> float | None:
     """The synced loss, else a plain number the caller passed."""
@@ -683,19 +694,10 @@ def build_report(
         applied_tau=tau,
         estimator=est,
         measured=measured,
-        rho_binary=values.get("rho_binary"),
-        rho_top2=values.get("rho_top2"),
         binding=tuple(int(i) for i in values.get("binding", ())),
         loss=_loss_value(values, loss),
         lr=lr,
-        grad_norm=values.get("grad_norm"),
-        update_param_cosine=values.get("update_param_cosine"),
-        sc_fraction=values.get("sc_fraction"),
-        sc_zero_loss_fraction=values.get("sc_zero_loss_fraction"),
-        max_logit_gap=values.get("max_logit_gap"),
-        logz_mean=values.get("logz_mean"),
-        logz_sq_mean=values.get("logz_sq_mean"),
-        nlm_cosine=values.get("nlm_cosine"),
         source=source,
+        **{name: values.get(wire) for name, wire in _MEASURED_OPTIONAL},
         **fields,
     )
