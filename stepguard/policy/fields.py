@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 from stepguard.report import SpreadSummary, StepReport
 
@@ -34,13 +34,6 @@ def _report_fields() -> tuple[str, ...]:
 #: Every fixed field name a rule may name (the prefixed families come on top).
 FIELDS: tuple[str, ...] = _report_fields()
 _FIELD_SET = frozenset(FIELDS)
-_SIMPLE = frozenset(
-    f.name
-    for f in dataclasses.fields(StepReport)
-    if f.name not in ("spread", "entanglement", "extras", "timings", "rank", "world_size", "halt")
-)
-_SPREAD = frozenset(n.partition(".")[2] for n in FIELDS if n.startswith("spread."))
-_NESTED = frozenset(p.rstrip(".") for p in PREFIXES)
 
 
 def check_field(name: str) -> str:
@@ -66,45 +59,12 @@ def check_field(name: str) -> str:
     raise ValueError(f"unknown report field {name!r}{hint}; known: {', '.join(FIELDS)}, {families}")
 
 
-class ReportValues(Mapping[str, float]):
-    """The report's numbers by field name, read on demand; optional fields that are ``None`` are absent.
-
-    Equal, key for key, to :meth:`StepReport.scalars`; a rule reads a handful of fields, so
-    this avoids flattening the whole report on every step.
-    """
-
-    __slots__ = ("_all", "_report")
-
-    def __init__(self, report: StepReport) -> None:
-        self._report = report
-        self._all: dict[str, float] | None = None
-
-    def __getitem__(self, name: str) -> float:
-        report = self._report
-        if name in _SIMPLE:
-            value = getattr(report, name)
-            if not isinstance(value, (bool, int, float)):
-                raise KeyError(name)
-            return float(value)
-        head, _, key = name.partition(".")
-        if head == "spread" and key in _SPREAD:
-            return float(getattr(report.spread, key))
-        if head in _NESTED and key in getattr(report, head):
-            return float(getattr(report, head)[key])
-        raise KeyError(name)
-
-    def _scalars(self) -> dict[str, float]:
-        if self._all is None:
-            self._all = self._report.scalars()
-        return self._all
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._scalars())
-
-    def __len__(self) -> int:
-        return len(self._scalars())
-
-
 def report_values(report: StepReport) -> Mapping[str, float]:
-    """The report's numbers by field name (see :class:`ReportValues`)."""
-    return ReportValues(report)
+    """The report's numbers by field name, as :meth:`StepReport.scalars` (optional fields that
+    are ``None`` are absent).
+
+    Reading only the fields a rule names, lazily, saved nothing measurable (a ``clip``
+    decision takes about 20 µs either way), so a rule reads the flat mapping (see the
+    architecture page).
+    """
+    return report.scalars()
