@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 from stepguard.config import GuardConfig
-from stepguard.report import StepReport, evolve
+from stepguard.report import StepReport
 
 
 class VetoStreak:
@@ -39,5 +40,5 @@ class VetoStreak:
         if cfg.halt_after_vetoes is not None and self.count >= cfg.halt_after_vetoes and not report.halt:
             why = f"{self.count} steps in a row were vetoed (GuardConfig.halt_after_vetoes)"
             reason = f"{report.reason}; {why}"
-            return evolve(report, halt=True, reason=reason)
+            return dataclasses.replace(report, halt=True, reason=reason)
         return report

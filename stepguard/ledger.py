@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 from stepguard.config import GuardConfig
 from stepguard.escalation import VetoStreak
-from stepguard.report import ACTIONS, Decision, StepReport, evolve
+from stepguard.report import ACTIONS, Decision, StepReport
 
 
 class StepLedger:
@@ -40,7 +41,7 @@ class StepLedger:
                 n: v * decision.scale if n.startswith("realized.") else v
                 for n, v in report.entanglement.items()
             }
-        report = evolve(
+        report = dataclasses.replace(
             report,
             **changes,
             action=decision.action,

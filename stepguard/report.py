@@ -422,22 +422,6 @@ class StepReport:
         return cls(**values)
 
 
-def evolve(report: StepReport, **changes: Any) -> StepReport:
-    """``dataclasses.replace(report, **changes)`` for the guard's hot path.
-
-    A :class:`StepReport` has no ``__post_init__`` to re-run, so the copy is made by
-    copying the instance dict (one dict update instead of a 35-argument ``__init__``).
-    Unknown field names raise, as with ``dataclasses.replace``.
-    """
-    unknown = changes.keys() - _FIELD_NAMES
-    if unknown:
-        raise TypeError(f"StepReport has no fields {sorted(unknown)}")
-    new = object.__new__(StepReport)
-    new.__dict__.update(report.__dict__)
-    new.__dict__.update(changes)
-    return new
-
-
 def json_ready(value: Any) -> Any:
     """Non-finite floats become the strings ``"nan"``, ``"inf"``, ``"-inf"``, recursively (strict JSON)."""
     if isinstance(value, float):
@@ -454,7 +438,6 @@ def json_ready(value: Any) -> Any:
 
 
 _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
-_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(StepReport))
 
 
 def _declaration(owner: type, f: dataclasses.Field, name: str) -> FieldInfo:

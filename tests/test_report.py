@@ -117,17 +117,21 @@ def test_sinkset_drops_a_sink_after_consecutive_failures() -> None:
         SinkSet([object()])
 
 
-def test_evolve_is_dataclasses_replace() -> None:
-    import dataclasses
-
-    from stepguard.report import evolve
+def test_the_ledger_gives_the_committed_report_its_decision_and_counts_it() -> None:
+    from stepguard import Decision, GuardConfig
+    from stepguard.ledger import StepLedger
 
     report = StepReport(
-        step=3, tau=0.5, rho_a=2.0, r=0.25, delta_a=1.5, spread=SpreadSummary(count=4, max=1.5)
+        step=3, tau=0.5, rho_a=2.0, r=0.25, delta_a=1.5, spread=SpreadSummary(count=4, max=1.5),
+        entanglement={"realized.chosen": 2.0, "ratio_chosen": 3.0},
     )
-    changes = {"action": "clip", "scale": 0.5, "reason": "r=2 > 1", "timings": {"jvp": 0.1}}
-    evolved = evolve(report, **changes)
-    assert evolved == dataclasses.replace(report, **changes)
-    assert evolved is not report and report.action == "allow"  # the original is untouched
-    with pytest.raises(TypeError, match="no fields"):
-        evolve(report, acton="clip")
+    ledger = StepLedger(GuardConfig())
+    recorded = ledger.record(report, Decision("clip", 0.5, "r=2 > 1", "clip_r"), {"jvp": 0.1})
+    assert (recorded.action, recorded.scale, recorded.applied_tau, recorded.reason, recorded.rule) == (
+        "clip", 0.5, 0.25, "r=2 > 1", "clip_r"
+    )
+    assert recorded.entanglement == {"realized.chosen": 1.0, "ratio_chosen": 3.0}  # the applied half
+    assert recorded.timings == {"jvp": 0.1} and recorded.spread == report.spread
+    assert report.action == "allow" and report.entanglement["realized.chosen"] == 2.0  # untouched
+    assert (ledger.step_count, ledger.counters["clip"], ledger.rule_counters) == (1, 1, {"clip_r": 1})
+    assert ledger.last_report is recorded
