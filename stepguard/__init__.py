@@ -12,6 +12,7 @@ from importlib import metadata as _metadata
 
 from stepguard.config import GuardConfig
 from stepguard.engine import HaltTraining, NoBatchError
+from stepguard.errors import ReplayOutOfMemoryError
 from stepguard.geometry import RadiusResult, radius
 from stepguard.guard import StepGuard
 from stepguard.hooks import GuardHandle, attach
@@ -28,6 +29,7 @@ __all__ = [
     "NoBatchError",
     "Policy",
     "RadiusResult",
+    "ReplayOutOfMemoryError",
     "Rule",
     "RulePolicy",
     "SafePolicy",

@@ -19,6 +19,8 @@ class GuardConfig(BaseModel):
             difference for ops without a forward-mode rule; ``"jvp"`` or
             ``"finite_difference"`` force one.
         fd_epsilon: step of the finite difference (default: cube root of the dtype's eps).
+        attention_chunk: keys per block of the replay's attention tangent (its memory is
+            O(T·attention_chunk) per head; lower it when the replay runs out of memory).
         measure_every: measure with a fresh JVP every this many steps; in between, r is
             estimated as τ_t/ρ_a(last measured direction), and a jump of τ, an estimate
             near the boundary or a turn of the direction forces a fresh measurement.
@@ -55,6 +57,7 @@ class GuardConfig(BaseModel):
     mode: Literal["train", "eval"] = "train"
     estimator: Literal["auto", "jvp", "finite_difference"] = "auto"
     fd_epsilon: float | None = Field(default=None, gt=0)
+    attention_chunk: int = Field(default=256, ge=1)
     measure_every: int = Field(default=1, ge=1)
     budget: float | None = Field(default=None, gt=0, lt=1)
     diagnostics: bool = True

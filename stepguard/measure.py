@@ -8,11 +8,13 @@ so a replayed transition and the live step it came from report the same numbers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import heapq
 import math
+import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +23,7 @@ from torch import Tensor, nn
 
 from stepguard.config import GuardConfig
 from stepguard.diagnostics._rows import masked_mean, sorted_quantiles
+from stepguard.errors import ReplayOutOfMemoryError
 from stepguard.geometry.formulas import PI
 from stepguard.geometry.jvp import Batch, EstimatorChoice, logit_velocities
 from stepguard.geometry.logits import LogitsFn, mask_rows
@@ -123,24 +126,26 @@ def measure_update(
         if before_part is not None:
             before_part(part)
         started = time.perf_counter()
-        if velocity_fn is not None:
-            z, velocity = velocity_fn(part.batch, theta0, update)
-            velocity.mul_(scale.to(velocity.dtype))
-        else:
-            z, velocities, part_used = logit_velocities(
-                model,
-                dict(theta0),
-                [update],
-                part.batch,
-                logits_fn=logits_fn,
-                mode=config.mode,
-                estimator=estimator or config.estimator,
-                fd_epsilon=config.fd_epsilon,
-                tangent_scale=scale,
-            )
-            velocity = velocities[0]
-            if part_used != "jvp":
-                used = part_used
+        with _naming_out_of_memory(part, config):
+            if velocity_fn is not None:
+                z, velocity = velocity_fn(part.batch, theta0, update)
+                velocity.mul_(scale.to(velocity.dtype))
+            else:
+                z, velocities, part_used = logit_velocities(
+                    model,
+                    dict(theta0),
+                    [update],
+                    part.batch,
+                    logits_fn=logits_fn,
+                    mode=config.mode,
+                    estimator=estimator or config.estimator,
+                    fd_epsilon=config.fd_epsilon,
+                    chunk_size=config.attention_chunk,
+                    tangent_scale=scale,
+                )
+                velocity = velocities[0]
+                if part_used != "jvp":
+                    used = part_used
         jvp_done = time.perf_counter()
         columns.append(batch_columns(z, velocity, targets=part.targets, mask=part.mask, config=config))
         del z, velocity
@@ -152,6 +157,36 @@ def measure_update(
         timings["jvp"] = jvp_seconds
         timings["statistics"] = statistics_seconds + time.perf_counter() - started
     return used, scalars, vectors
+
+
+_REQUESTED = re.compile(r"(?:tried|Tried) to allocate ([\d.]+) ?(bytes|[KMGT]iB)")
+_UNITS = {"bytes": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """A CUDA out-of-memory error, or the CPU allocator's refusal."""
+    kind = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    if kind is not None and isinstance(exc, kind):
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+
+
+@contextlib.contextmanager
+def _naming_out_of_memory(part: Part, config: GuardConfig) -> Iterator[None]:
+    """Turn an out-of-memory error of a replay into a :class:`ReplayOutOfMemoryError` that says why."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as exc:
+        if isinstance(exc, ReplayOutOfMemoryError) or not _is_out_of_memory(exc):
+            raise
+        text = str(exc)
+        found = _REQUESTED.search(text)
+        requested = int(float(found.group(1)) * _UNITS[found.group(2)]) if found else None
+        rows = int(part.targets.numel()) if part.targets is not None else None
+        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        raise ReplayOutOfMemoryError(
+            first, rows=rows, requested=requested, attention_chunk=config.attention_chunk
+        ) from exc
 
 
 ROW_CHUNK_ELEMENTS = 1 << 20

@@ -182,10 +182,13 @@ class MeasuredModel:
         head = self.head
         velocity_fn = None
         if self.sharded is not None:
-            sharded, logits_fn, mode = self.sharded, self.logits_fn, self.config.mode
+            sharded, logits_fn, config = self.sharded, self.logits_fn, self.config
 
             def velocity_fn(batch: Batch, theta: Mapping[str, Tensor], direction: Mapping[str, Tensor]):
-                return sharded.logit_velocity(batch, theta, direction, logits_fn=logits_fn, mode=mode)
+                return sharded.logit_velocity(
+                    batch, theta, direction, logits_fn=logits_fn, mode=config.mode,
+                    chunk_size=config.attention_chunk,
+                )
 
         return measure_update(
             self.module,

@@ -24,6 +24,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
+from stepguard.geometry.attention import DEFAULT_CHUNK_SIZE
 from stepguard.geometry.forward_rules import ForwardADUnsupportedError, describe_gap, forward_rules
 from stepguard.geometry.jvp import Batch, Mode, looks_like_forward_ad_gap, replay_context
 from stepguard.geometry.logits import LogitsFn, extract_logits
@@ -99,6 +100,7 @@ class ShardedReplay:
         *,
         logits_fn: LogitsFn | None = None,
         mode: Mode = "train",
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> tuple[Tensor, Tensor]:
         """Logits and their derivative along the tangent, at θ₀, on this rank's ``batch``.
 
@@ -108,7 +110,7 @@ class ShardedReplay:
         try:
             with contextlib.ExitStack() as stack:
                 stack.enter_context(replay_context(self.model, batch, mode))
-                stack.enter_context(forward_rules())  # fused attention and other ops' rules, as unsharded
+                stack.enter_context(forward_rules(chunk_size))  # fused attention and other ops' rules
                 stack.enter_context(torch.no_grad())
                 stack.enter_context(fwAD.dual_level())
                 stack.enter_context(self._duals(theta0, tangent))
