@@ -154,6 +154,7 @@ class ParameterSnapshot:
         self.params: list[Tensor] = []
         self.groups: list[_Group] = []
         self._theta0_list: list[Tensor] = []
+        self._kept_deltas: dict[int, Tensor] = {}
 
     def bind(self, params: Sequence[Tensor]) -> bool:
         """Use ``params`` (reallocating the buffers when the list changed); True when it changed.
@@ -172,6 +173,7 @@ class ParameterSnapshot:
         ):
             return False
         self.params = list(params)
+        self._kept_deltas = {}
         by_key: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for i, p in enumerate(self.params):
             by_key.setdefault((p.device, p.dtype), []).append(i)
@@ -219,11 +221,18 @@ class ParameterSnapshot:
                 torch._foreach_copy_(group.theta0_views, group.params)
 
     def difference(self) -> Update:
-        """Δθ = θ_now − θ₀ and τ = ‖Δθ‖₂ (float32 at least, float64 when the parameters are)."""
+        """Δθ = θ_now − θ₀ and τ = ‖Δθ‖₂ (float32 at least, float64 when the parameters are).
+
+        On the CPU each group's Δθ is written into a buffer kept from the last step: there a
+        fresh allocation of a large tensor costs page faults, three times the copy into it
+        (40 ms against 13 ms for 70 MB on one core of the bench's machine). An accelerator's
+        caching allocator reuses its blocks already, so there Δθ is allocated per step and
+        freed with the step. The previous step's :class:`Update` is then overwritten.
+        """
         flats, norms = [], []
         with torch.no_grad():
-            for group in self.groups:
-                flat = torch.cat([p.reshape(-1) for p in group.params])
+            for index, group in enumerate(self.groups):
+                flat = torch.cat([p.reshape(-1) for p in group.params], out=self._kept_delta(index, group))
                 flat.sub_(group.theta0)
                 flats.append(flat)
                 wide = group.accumulate
@@ -237,6 +246,15 @@ class ParameterSnapshot:
             device = norms[0].device  # parameters may live on several devices (model parallel)
             tau = torch.linalg.vector_norm(torch.stack([n.to(device, wide) for n in norms]))
         return Update(self.groups, flats, tau)
+
+
+    def _kept_delta(self, index: int, group: _Group) -> Tensor | None:
+        """The CPU buffer for group ``index``'s Δθ (None on other devices: allocate per step)."""
+        if group.theta0.device.type != "cpu":
+            return None
+        if index not in self._kept_deltas:
+            self._kept_deltas[index] = torch.empty_like(group.theta0)
+        return self._kept_deltas[index]
 
 
 class OptimizerStateBackup:

@@ -157,3 +157,21 @@ def test_a_model_converted_after_the_guard_was_built_is_measured_in_its_new_dtyp
     moved = [p.detach() - b for p, b in zip(net.parameters(), before, strict=True)]
     assert report.measured and report.estimator == "jvp"
     assert report.tau == pytest.approx(math.sqrt(sum(float(m.square().sum()) for m in moved)), rel=1e-12)
+
+
+def test_on_the_cpu_the_difference_reuses_its_buffer_and_stays_bitwise() -> None:
+    params = _params()
+    snapshot = ParameterSnapshot()
+    snapshot.bind(params)
+    snapshot.take()
+    first = snapshot.difference()
+    pointers = [f.data_ptr() for f in first.flats]
+    _move(params)
+    second = snapshot.difference()
+    assert [f.data_ptr() for f in second.flats] == pointers  # no allocation per step
+    per_tensor = [(p - t).reshape(-1) for p, t in zip(params, snapshot.theta0, strict=True)]
+    got = [v.reshape(-1) for v in second.views()]
+    assert all(torch.equal(g, d) for g, d in zip(got, per_tensor, strict=True))
+    snapshot.bind(_params())  # another parameter list: new buffers
+    snapshot.take()
+    assert all(f.data_ptr() not in pointers for f in snapshot.difference().flats)
