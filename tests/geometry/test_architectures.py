@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 import torch
+from _aten_ops import AtenOps
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import stepguard
 from stepguard import StepGuard
@@ -187,29 +187,18 @@ def test_transformer_encoder_in_both_modes(mode: str) -> None:
     assert relative_error(result.velocity, fallback.velocity) < 1e-2  # a float32 central difference
 
 
-class Kernels(TorchDispatchMode):
-    """The aten ops that ran while active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.name())
-        return func(*args, **(kwargs or {}))
-
 
 def test_a_guarded_llama_step_is_measured_by_the_jvp_and_training_keeps_its_kernels() -> None:
     model = build("llama")
     guard = StepGuard(torch.optim.SGD(model.parameters(), lr=1e-2), model=model, rows_fn=causal_lm_rows)
     ids = torch.randint(0, VOCAB, (2, SEQ))
-    with Kernels() as before:
+    with AtenOps() as before:
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     report = guard.step()
     assert report.measured and report.estimator == "jvp"
     assert report.rho_a > 0
-    with Kernels() as after:
+    with AtenOps() as after:
         model(input_ids=ids, labels=ids).loss.backward()  # training's backward still has its kernels' rules
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in before.names
     assert after.names[: len(before.names)] == before.names

@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from _aten_ops import AtenOps
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -33,17 +34,6 @@ def relative_error(a: Tensor, ref: Tensor) -> float:
 def direction(model: nn.Module) -> dict[str, Tensor]:
     return {n: torch.randn_like(p) for n, p in model.named_parameters()}
 
-
-class Ops(TorchDispatchMode):
-    """The aten ops that ran while active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.name())
-        return func(*args, **(kwargs or {}))
 
 
 # ---------------------------------------------------------------- grouped matmul
@@ -131,7 +121,7 @@ def test_transformer_encoder_fast_path_is_measured_by_the_jvp(padded: bool) -> N
     padding = torch.zeros(2, 12, dtype=torch.bool)
     padding[1, 8:] = True
     inputs = (tokens, padding) if padded else (tokens,)
-    with torch.no_grad(), Ops() as ops:
+    with torch.no_grad(), AtenOps() as ops:
         model(*inputs)
     assert "aten::_transformer_encoder_layer_fwd" in ops.names  # what inference runs
     d = direction(model)
@@ -195,10 +185,10 @@ def test_a_compiled_model_is_replayed_eagerly_through_the_rules() -> None:
 
 def test_the_training_forward_is_untouched_after_a_measurement() -> None:
     model, x = Attention(), torch.randn(2, 6, 16)
-    with Ops() as before:
+    with AtenOps() as before:
         out_before = model(x)
     stepguard.radius(model, x, direction(model))
-    with Ops() as after:
+    with AtenOps() as after:
         out_after = model(x)
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in before.names
     assert after.names == before.names
