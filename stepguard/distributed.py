@@ -15,9 +15,10 @@ report field (:data:`stepguard.costs.REDUCTIONS`). The rules follow the definiti
   cosine, the mean spread) → count-weighted means; the loss, loss components and
   entanglement entries → mean.
 
-A tensor with no declared reduction is an error, never a silent mean. Two collectives per
-measured step (one SUM, one MAX that carries the MINs negated), all fields packed into one
-tensor each. A non-finite value on any rank stays non-finite.
+A tensor with no declared reduction is an error, never a silent mean. One collective per
+measured step: every field packed into one float64 vector, gathered from every rank
+(``all_gather``), and reduced on each rank by the same rules in the same order. A NaN on
+any rank stays NaN.
 """
 
 from __future__ import annotations
@@ -65,8 +66,11 @@ def rank_and_world(group: object | None = None) -> tuple[int, int]:
 def reduce_across_ranks(values: Mapping[str, Tensor], group: object | None = None) -> dict[str, Tensor]:
     """Reduce each measured tensor across ranks by the rule of its field (see module docstring).
 
-    Every rank must call this with the same keys in the same order (the guard guarantees
-    it: which fields exist depends only on the model and the configuration).
+    Every number travels in one float64 vector and one ``all_gather``; each rank then
+    applies the rules to the same ``[world, n]`` table in the same order, so every rank
+    holds bitwise the same result. Every rank must call this with the same keys in the same
+    order (the guard guarantees it: which fields exist depends only on the model and the
+    configuration).
     """
     names = list(values)
     kinds = [reduction_of(name) for name in names]  # before any collective: every rank raises alike
@@ -74,70 +78,34 @@ def reduce_across_ranks(values: Mapping[str, Tensor], group: object | None = Non
         return dict(values)
     world = dist.get_world_size(group)
     device = next(iter(values.values())).device
-    flat = {n: values[n].detach().reshape(-1).to(device=device, dtype=torch.float64) for n in names}
-    count = flat.get(_COUNT)
+    flat = [values[n].detach().reshape(-1).to(device=device, dtype=torch.float64) for n in names]
+    packed = torch.cat(flat)
+    gathered = [torch.empty_like(packed) for _ in range(world)]
+    dist.all_gather(gathered, packed, group=group)
+    table = torch.stack(gathered)  # [world, n]: rank by rank
 
-    max_parts: list[Tensor] = []
-    sum_parts: list[Tensor] = []
-    layout: list[tuple[str, str, int]] = []
-    for name, kind in zip(names, kinds, strict=True):
-        v = flat[name]
-        if kind in ("max", "min"):
-            signed = v if kind == "max" else -v
-            max_parts.append(torch.where(torch.isnan(signed), torch.full_like(signed, -torch.inf), signed))
-            sum_parts.append(torch.isnan(v).to(torch.float64))
-            layout.append((name, kind, v.numel()))
-        elif kind == "sum":
-            sum_parts.append(v)
-            layout.append((name, "sum", v.numel()))
-        elif kind == "row_mean" and count is not None:
-            sum_parts.append(v * count)
-            layout.append((name, "weighted", v.numel()))
-        else:
-            sum_parts.append(v)
-            layout.append((name, "mean", v.numel()))
-
-    max_buf = torch.cat(max_parts) if max_parts else torch.zeros(0, dtype=torch.float64, device=device)
-    sum_buf = torch.cat(sum_parts) if sum_parts else torch.zeros(0, dtype=torch.float64, device=device)
-    if max_buf.numel():
-        dist.all_reduce(max_buf, op=dist.ReduceOp.MAX, group=group)
-    if sum_buf.numel():
-        dist.all_reduce(sum_buf, op=dist.ReduceOp.SUM, group=group)
-
-    total = None
-    if count is not None:
-        offset = 0
-        for name, kind, n in layout:
-            if kind in ("max", "min"):
-                offset += n  # its NaN flags
-            elif name == _COUNT:
-                total = sum_buf[offset : offset + n]
-                break
-            else:
-                offset += n
+    columns: dict[str, Tensor] = {}
+    offset = 0
+    for name, v in zip(names, flat, strict=True):
+        columns[name] = table[:, offset : offset + v.numel()]
+        offset += v.numel()
+    count = columns.get(_COUNT)
+    total = count.sum(dim=0) if count is not None else None
 
     out: dict[str, Tensor] = {}
-    mo = so = 0
-    for name, kind, n in layout:
-        shape = values[name].shape
-        if kind in ("max", "min"):
-            v = max_buf[mo : mo + n]
-            nan_flags = sum_buf[so : so + n]
-            mo += n
-            so += n
-            v = v if kind == "max" else -v
-            v = torch.where(nan_flags > 0, torch.full_like(v, torch.nan), v)
+    for name, kind in zip(names, kinds, strict=True):
+        column = columns[name]
+        if kind == "max":
+            v = column.amax(dim=0)  # NaN on any rank stays NaN
+        elif kind == "min":
+            v = column.amin(dim=0)
         elif kind == "sum":
-            v = sum_buf[so : so + n]
-            so += n
-        elif kind == "weighted":
-            assert total is not None
-            v = sum_buf[so : so + n] / total.clamp_min(1.0)
-            so += n
+            v = column.sum(dim=0)
+        elif kind == "row_mean" and count is not None and total is not None:
+            v = (column * count).sum(dim=0) / total.clamp_min(1.0)
         else:
-            v = sum_buf[so : so + n] / world
-            so += n
-        out[name] = v.reshape(shape)
+            v = column.sum(dim=0) / world
+        out[name] = v.reshape(values[name].shape)
     return out
 
 

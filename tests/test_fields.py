@@ -197,24 +197,25 @@ def test_cost_tensors_declare_their_reduction() -> None:
 
 class _TwoRanks:
     """torch.distributed for an in-process two-rank reduction: the first pass records the other
-    rank's buffers, the second combines them with its own."""
+    rank's packed vector, the second gathers it beside this rank's own (rank 0 first)."""
 
     def __init__(self) -> None:
         self.recorded: list[torch.Tensor] = []
         self.replay: list[torch.Tensor] | None = None
+        self.collectives = 0
 
-    def all_reduce(self, buf: torch.Tensor, op: object, group: object = None) -> None:
+    def all_gather(self, out: list[torch.Tensor], buf: torch.Tensor, group: object = None) -> None:
+        self.collectives += 1
         if self.replay is None:
             self.recorded.append(buf.clone())
             return
-        other = self.replay.pop(0)
-        combined = torch.maximum(buf, other) if op == torch.distributed.ReduceOp.MAX else buf + other
-        buf.copy_(combined)
+        out[0].copy_(buf)
+        out[1].copy_(self.replay.pop(0))
 
     def reduce(self, mine: dict, theirs: dict, monkeypatch: pytest.MonkeyPatch) -> dict:
         monkeypatch.setattr(distributed, "is_distributed", lambda group=None: True)
         monkeypatch.setattr(distributed.dist, "get_world_size", lambda group=None: 2)
-        monkeypatch.setattr(distributed.dist, "all_reduce", self.all_reduce)
+        monkeypatch.setattr(distributed.dist, "all_gather", self.all_gather)
         distributed.reduce_across_ranks(theirs)
         self.replay = self.recorded
         return distributed.reduce_across_ranks(mine)
@@ -228,7 +229,9 @@ def test_each_reduction_combines_two_ranks_by_its_rule(monkeypatch: pytest.Monke
             "logz_sq_mean": t(2.0), "loss": t(1.0), "extras.loss.base": t(4.0), "cost_idle": t(math.nan)}
     theirs = {"tau": t(2.0), "count": t(1.0), "spread_q": t(3.0, 4.0, 2.5), "spread_min": t(0.25),
               "logz_sq_mean": t(6.0), "loss": t(3.0), "extras.loss.base": t(0.0), "cost_idle": t(0.1)}
-    out = _TwoRanks().reduce(mine, theirs, monkeypatch)
+    ranks = _TwoRanks()
+    out = ranks.reduce(mine, theirs, monkeypatch)
+    assert ranks.collectives == 2  # one per call: every field in one vector
     assert float(out["tau"]) == 2.0  # max
     assert float(out["count"]) == 4.0  # sum
     assert out["spread_q"].tolist() == [3.0, 5.0, 2.5]  # max, element by element

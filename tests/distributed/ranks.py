@@ -43,3 +43,39 @@ def spawn_ranks(
             p.kill()
     assert not hung, f"ranks {hung} hung past {timeout} s"
     assert [p.exitcode for p in procs] == [0] * world, f"worker exit codes {[p.exitcode for p in procs]}"
+
+
+COLLECTIVES = (
+    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
+    "broadcast_object_list", "reduce_scatter_tensor", "all_to_all", "barrier",
+)
+
+
+class GuardCollectives:
+    """In a worker: count the ``torch.distributed`` collectives that StepGuard's own code calls.
+
+    Each collective function is wrapped; a call counts when the function that made it lives in
+    a ``stepguard`` module, so FSDP's own gathers and the test's collectives do not count.
+    ``take()`` returns the count since the last ``take()``.
+    """
+
+    def __init__(self) -> None:
+        import sys
+
+        import torch.distributed as dist
+
+        self._count = 0
+        for name in COLLECTIVES:
+            real = getattr(dist, name)
+
+            def counted(*args: Any, __real: Callable[..., Any] = real, **kwargs: Any) -> Any:
+                caller = sys._getframe(1).f_globals.get("__name__", "")
+                if caller.split(".")[0] == "stepguard":
+                    self._count += 1
+                return __real(*args, **kwargs)
+
+            setattr(dist, name, counted)
+
+    def take(self) -> int:
+        count, self._count = self._count, 0
+        return count

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ranks import join_gloo, spawn_ranks
+from ranks import GuardCollectives, join_gloo, spawn_ranks
 
 WORLD = 2
 STEPS = 12
@@ -33,6 +33,7 @@ def _worker(rank: int, store: str, out: str, policy: str, budget: float | None) 
         )
         gen = torch.Generator().manual_seed(100 + rank)  # different data on each rank
         reports = []
+        collectives = GuardCollectives()
         for step in range(STEPS):
             for g in guard.param_groups:
                 g["lr"] = 1e-3 * (1000.0 if step >= SPIKE_AT else 1.0)
@@ -53,6 +54,7 @@ def _worker(rank: int, store: str, out: str, policy: str, budget: float | None) 
                     r.measured,
                     r.spread.count,
                     r.world_size,
+                    collectives.take(),
                 )
             )
         flat = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
@@ -84,3 +86,10 @@ def test_ranks_take_identical_decisions_and_keep_identical_parameters(
     assert all(r[9] == WORLD for r in rank0["reports"])
     counts = [r[8] for r in rank0["reports"] if r[7]]
     assert all(c == 32 for c in counts)  # Δ_a over both shards: 16 rows per rank
+    # the guard's own collectives: the first step also checks that the ranks agree (one
+    # all_gather_object); then one per measured step, none per estimated step
+    first, *rest = rank0["reports"]
+    assert first[7] and first[10] == 2
+    assert [r[10] for r in rest] == [1 if r[7] else 0 for r in rest]
+    if budget is not None:
+        assert not all(r[7] for r in rest)  # some steps were estimated
