@@ -24,6 +24,7 @@ any rank stays NaN.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -143,31 +144,60 @@ def _short(value: str | None, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def sharded_norms(
+SHARD_SUMS: Mapping[str, Reduction] = {
+    "shard.delta_sq": "sum",
+    "shard.grad_sq": "sum",
+    "shard.dot": "sum",
+    "shard.theta_sq": "sum",
+}
+"""The per-shard sums of an FSDP2 step (:func:`shard_sums`): summed over the ranks."""
+
+_NOT_REPORT_FIELDS = {**_NOT_REPORT_FIELDS, **SHARD_SUMS}
+
+
+def shard_sums(
     local_tau: Tensor, update_flats: list[Tensor], theta0_flats: list[Tensor], grads: list[Tensor]
 ) -> dict[str, Tensor]:
-    """τ, the gradient norm and cos(Δθ, θ₀) of parameters sharded across ranks (FSDP2).
+    """This rank's parts of ‖Δθ‖², ‖g‖², ⟨Δθ, θ₀⟩ and ‖θ₀‖² when each rank holds a shard (FSDP2).
 
-    Each rank holds a shard of Δθ, θ₀ and the gradient; the global numbers come from the
-    sums Σ‖Δθ‖² (from this rank's τ, already computed), Σ‖g‖², Σ⟨Δθ, θ₀⟩ and Σ‖θ₀‖² over
-    the ranks, with one ``all_reduce`` in float64. Returns 0-d tensors ``tau``,
-    ``grad_norm`` and ``update_param_cosine`` (0 when either vector is zero), equal on
-    every rank.
+    0-d float64 tensors named as in :data:`SHARD_SUMS`; they travel with the step's other
+    numbers in the one cross-rank reduction, and :func:`norms_from_sums` turns the totals
+    into τ, the gradient norm and cos(Δθ, θ₀). ``local_tau`` is this rank's ‖Δθ‖,
+    already computed; nothing is copied to float64 but the sums.
     """
     wide = torch.float64
-    zero = torch.zeros((), dtype=wide, device=local_tau.device)
-    sums = torch.stack([
-        local_tau.to(wide).square(),
-        global_norm(grads).to(wide, copy=False).square().to(local_tau.device) if grads else zero,
-        sum((torch.dot(f, t).to(wide) for f, t in zip(update_flats, theta0_flats, strict=True)), zero),
-        sum((torch.linalg.vector_norm(t, dtype=wide).square() for t in theta0_flats), zero),
-    ])
-    if is_distributed():
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-    delta_sq, grad_sq, dot, theta_sq = sums.unbind()
-    denominator = (delta_sq * theta_sq).sqrt()
-    cosine = torch.where(denominator > 0, dot / torch.where(denominator > 0, denominator, 1.0), 0.0)
-    return {"tau": delta_sq.sqrt(), "grad_norm": grad_sq.sqrt(), "update_param_cosine": cosine}
+    device = local_tau.device
+    zero = torch.zeros((), dtype=wide, device=device)
+    pairs = zip(update_flats, theta0_flats, strict=True)
+    return {
+        "shard.delta_sq": local_tau.to(wide).square(),
+        "shard.grad_sq": global_norm(grads).to(wide, copy=False).square().to(device) if grads else zero,
+        "shard.dot": sum((torch.dot(f, t).to(wide) for f, t in pairs), zero),
+        "shard.theta_sq": sum((torch.linalg.vector_norm(t, dtype=wide).square() for t in theta0_flats), zero),
+    }
+
+
+def norms_from_sums(sums: Mapping[str, float]) -> dict[str, float]:
+    """τ = √Σ‖Δθ‖², ‖g‖ = √Σ‖g‖² and cos(Δθ, θ₀) = Σ⟨Δθ, θ₀⟩/(τ·√Σ‖θ₀‖²) from the summed shard parts.
+
+    The cosine is 0 when either vector is zero; a NaN in any part stays NaN.
+    """
+    delta_sq, grad_sq = float(sums["shard.delta_sq"]), float(sums["shard.grad_sq"])
+    dot, theta_sq = float(sums["shard.dot"]), float(sums["shard.theta_sq"])
+    denominator = math.sqrt(delta_sq * theta_sq)
+    if math.isnan(denominator) or math.isnan(dot):
+        cosine = math.nan
+    else:
+        cosine = dot / denominator if denominator > 0 else 0.0
+    return {"tau": math.sqrt(delta_sq), "grad_norm": math.sqrt(grad_sq), "update_param_cosine": cosine}
+
+
+def summed_tau(local_tau: Tensor, group: object | None = None) -> Tensor:
+    """τ of a sharded Δθ: √ of this rank's ‖Δθ‖² summed over the ranks (one ``all_reduce``), float64."""
+    delta_sq = local_tau.to(torch.float64).square()
+    if is_distributed(group):
+        dist.all_reduce(delta_sq, op=dist.ReduceOp.SUM, group=group)
+    return delta_sq.sqrt()
 
 
 def guard_facts(policy: object, config: Any, optimizer: object, params: list[Tensor]) -> dict[str, str]:

@@ -214,13 +214,16 @@ class GuardEngine:
         measure, why = self.trigger.due(self._snapshot, update, tau, loss, timer.seconds)
         with timer.phase("measure"):
             estimator, tensors, vectors = self._measure(measure, update, tau, observed)
-        grads = self._norms.grads(self._snapshot.params) if measure else None
-        tensors.update(step_tensors(grads, update, loss, self.loss, probe))
+        if measure:
+            tensors.update(self._norms.step_tensors(update, self._snapshot.params))
+        tensors.update(step_tensors(update, loss, self.loss, probe))
         with timer.phase("reduce_sync"):
             values = reduce_and_sync(
                 tensors, vectors, measured=measure, distributed=self._distributed,
                 costs=self.trigger.costs, host_values=self.trigger.host_values,
             )
+            if measure:
+                values = self._norms.finish(values)
         report = self._report(values, estimator, measure, loss)
         if measure and not report.measured:
             why = "no row of the batch counts (every row masked or ignore_index)"
@@ -243,7 +246,6 @@ class GuardEngine:
             self._estimator = "finite_difference"  # an op without forward-mode AD: keep to the fallback
         tensors.update(scalars)
         if update is not None:
-            tensors["update_param_cosine"] = self._norms.update_param_cosine(update)
             self.trigger.remember_direction(self._snapshot, update)
         return used, tensors, vectors
 
@@ -304,12 +306,13 @@ class GuardEngine:
 
     def state_dict(self) -> dict[str, Any]:
         """The guard's state for a checkpoint (see :mod:`stepguard.persistence`)."""
-        return guard_state(self.ledger, self.trigger, self._estimator, self.policy)
+        return guard_state(self.ledger, self.trigger, self._estimator, self.policy, self._norms)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from :meth:`state_dict`."""
-        default = self.config.estimator
-        self._estimator = load_guard_state(state, self.ledger, self.trigger, self.policy, default)
+        self._estimator = load_guard_state(
+            state, self.ledger, self.trigger, self.policy, self._norms, self.config.estimator
+        )
 
     def close(self) -> None:
         """Remove the capture hooks, release the optimizer, and flush and close the sinks."""

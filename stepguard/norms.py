@@ -1,25 +1,35 @@
 """Where a step's norms come from: the tensors this process holds, or (FSDP2) shards summed over the ranks.
 
-The engine asks the same four questions of either: which tensors to snapshot, what τ is,
-what the gradient norm is made of, and cos(Δθ, θ₀). Unsharded, the answers are local.
-Under FSDP2 each rank snapshots only its shards, and τ, the gradient norm and the cosine
-come from one ``all_reduce`` of their sums (:func:`stepguard.distributed.sharded_norms`).
+The engine asks the same questions of either: which tensors to snapshot, what τ is before
+the measurement, which numbers travel to the cross-rank reduction beside the
+measurement's, and how the reduced numbers become the report's. Unsharded, every answer
+is local. Under FSDP2 each rank snapshots only its shards; τ, the gradient norm and the
+cosine are sums of the ranks' parts (:func:`stepguard.distributed.shard_sums`) that travel
+in the step's one reduction. The replay cannot wait for that global τ, so it runs along Δθ
+scaled by the last measured global τ (agreed on every rank), and the direction-dependent
+statistics are corrected afterwards by their declared power of the ratio.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from stepguard.distributed import sharded_norms
+from stepguard.distributed import norms_from_sums, shard_sums, summed_tau
 from stepguard.geometry.sharded import local_tensor
+from stepguard.measure import global_norm
+from stepguard.report import direction_powers
 from stepguard.snapshot import Update
 
 
 class LocalNorms:
     """Unsharded parameters: every norm is of the tensors this process holds."""
+
+    reference_tau: float | None = None  # no reference: the replay runs along Δθ/τ itself
 
     def tensors(self, params: list[Tensor]) -> list[Tensor]:
         """The tensors to snapshot: the parameters themselves."""
@@ -28,43 +38,82 @@ class LocalNorms:
     def difference(self, update: Update, params: Sequence[Tensor]) -> None:
         """Nothing to do: the snapshot's τ is already the global one."""
 
-    def grads(self, params: Sequence[Tensor]) -> list[Tensor]:
-        """The gradients whose norm the report carries."""
-        return [p.grad for p in params if p.grad is not None]
+    def step_tensors(self, update: Update | None, params: Sequence[Tensor]) -> dict[str, Tensor]:
+        """The gradient norm and cos(Δθ, θ₀) of a measured step, as 0-d tensors."""
+        grads = [p.grad for p in params if p.grad is not None]
+        out: dict[str, Tensor] = {}
+        if grads:
+            with torch.no_grad():
+                out["grad_norm"] = global_norm(grads)
+        if update is not None:
+            out["update_param_cosine"] = update.cosine_with_theta0()
+        return out
 
-    def update_param_cosine(self, update: Update) -> Tensor:
-        """cos(Δθ, θ₀)."""
-        return update.cosine_with_theta0()
+    def finish(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Nothing to do: the numbers are already the report's."""
+        return values
 
 
 class ShardedNorms:
-    """FSDP2: each rank holds a shard of every parameter; the norms are summed over the ranks.
+    """FSDP2: each rank holds a shard of every parameter; the norms are sums over the ranks.
 
-    :meth:`difference` reduces τ, the gradient norm and the cosine once per step (this
-    rank's τ is reused, nothing is copied to float64); the other answers read that result.
+    :meth:`difference` sets ``update.tau`` to the *reference* length ``reference_tau``:
+    the global τ of the last measured step, which every rank holds alike (a checkpoint
+    keeps it). The replay runs along Δθ/reference. Only a step without a reference (the
+    first, or one after a non-finite τ) reduces τ before its replay; every other step
+    uses one collective, the step's reduction, which carries this rank's parts of τ²,
+    ‖g‖², ⟨Δθ, θ₀⟩ and ‖θ₀‖². :meth:`finish` then computes τ, ‖g‖ and the cosine, and
+    multiplies each statistic of declared ``direction_power`` p by (reference/τ)^p: along
+    Δθ/reference the velocities are τ/reference times those along Δθ/τ.
     """
 
     def __init__(self) -> None:
-        self._global: dict[str, Tensor] = {}
+        self.reference_tau: float | None = None
+        self._sums: dict[str, Tensor] = {}
+        self._powers = direction_powers()
 
     def tensors(self, params: list[Tensor]) -> list[Tensor]:
         """The tensors to snapshot: this rank's shards (the same storage as the parameters)."""
         return [local_tensor(p) for p in params]
 
     def difference(self, update: Update, params: Sequence[Tensor]) -> None:
-        """Reduce the step's norms across the ranks and make ``update.tau`` the global τ."""
+        """Keep this rank's parts of the norms; make ``update.tau`` the reference length."""
         with torch.no_grad():
             grads = [local_tensor(p.grad) for p in params if p.grad is not None]
-            self._global = sharded_norms(update.tau, update.flats, [g.theta0 for g in update.groups], grads)
-        update.tau = self._global["tau"]
+            self._sums = shard_sums(update.tau, update.flats, [g.theta0 for g in update.groups], grads)
+            if self.reference_tau is None:
+                reference = summed_tau(update.tau)
+            else:
+                reference = torch.tensor(self.reference_tau, dtype=torch.float64, device=update.tau.device)
+        update.tau = reference
 
-    def grads(self, params: Sequence[Tensor]) -> Tensor:
-        """The global gradient norm, already reduced."""
-        return self._global["grad_norm"]
+    def step_tensors(self, update: Update | None, params: Sequence[Tensor]) -> dict[str, Tensor]:
+        """This rank's parts of the norms, for the step's one reduction."""
+        return dict(self._sums)
 
-    def update_param_cosine(self, update: Update) -> Tensor:
-        """The global cos(Δθ, θ₀), already reduced."""
-        return self._global["update_param_cosine"]
+    def finish(self, values: dict[str, Any]) -> dict[str, Any]:
+        """τ, ‖g‖ and the cosine from the reduced sums; the statistics rescaled from the reference to τ."""
+        if "shard.delta_sq" not in values:
+            return values
+        out = {k: v for k, v in values.items() if not k.startswith("shard.")}
+        out.update(norms_from_sums(values))
+        tau = out["tau"]
+        reference = float(values["tau"])  # the reference length the replay ran along
+        ratio = reference / tau if tau > 0 else math.nan
+        for name, power in self._powers.items():
+            if name in out and math.isfinite(ratio):
+                out[name] = _times(out[name], ratio**power)
+        if math.isfinite(tau) and tau > 0:
+            self.reference_tau = tau
+        elif not math.isfinite(tau):
+            self.reference_tau = None  # the next step reduces τ before its replay again
+        return out
+
+
+def _times(value: Any, factor: float) -> Any:
+    if isinstance(value, (list, tuple)):
+        return type(value)(v * factor for v in value)
+    return value * factor
 
 
 def step_norms(*, sharded: bool, every_step: bool) -> LocalNorms | ShardedNorms:

@@ -6,15 +6,21 @@ from collections.abc import Mapping
 from typing import Any
 
 from stepguard.ledger import StepLedger
+from stepguard.norms import LocalNorms, ShardedNorms
 from stepguard.policy import Policy
 from stepguard.report import ACTIONS
 from stepguard.trigger import MeasurementTrigger
 
 
 def guard_state(
-    ledger: StepLedger, trigger: MeasurementTrigger, estimator: str, policy: Policy
+    ledger: StepLedger,
+    trigger: MeasurementTrigger,
+    estimator: str,
+    policy: Policy,
+    norms: LocalNorms | ShardedNorms,
 ) -> dict[str, Any]:
-    """The committed-step counts, the measurement schedule, the estimator in use and the policy's state."""
+    """The committed-step counts, the measurement schedule, the estimator in use, the policy's
+    state and (FSDP2) the reference length of the next replay."""
     schedule = trigger.state_dict()
     return {
         "step": ledger.step_count,
@@ -25,14 +31,20 @@ def guard_state(
         "schedule": schedule["schedule"],
         "policy": policy.state_dict(),
         "consecutive_vetoes": ledger.vetoes.count,
+        "reference_tau": norms.reference_tau,
     }
 
 
 def load_guard_state(
-    state: Mapping[str, Any], ledger: StepLedger, trigger: MeasurementTrigger, policy: Policy, estimator: str
+    state: Mapping[str, Any],
+    ledger: StepLedger,
+    trigger: MeasurementTrigger,
+    policy: Policy,
+    norms: LocalNorms | ShardedNorms,
+    estimator: str,
 ) -> str:
-    """Resume ``ledger``, ``trigger`` and ``policy`` from :func:`guard_state`; returns the saved
-    estimator (``estimator`` when the state has none).
+    """Resume ``ledger``, ``trigger``, ``policy`` and ``norms`` from :func:`guard_state`; returns
+    the saved estimator (``estimator`` when the state has none).
 
     Raises:
         ValueError: ``state`` is not a guard's state (it lacks ``step`` or ``counters``).
@@ -46,4 +58,5 @@ def load_guard_state(
     trigger.load_state_dict(state)
     policy.load_state_dict(state.get("policy", {}))
     ledger.vetoes.count = int(state.get("consecutive_vetoes", 0))
+    norms.reference_tau = state.get("reference_tau")
     return state.get("estimator", estimator)

@@ -71,6 +71,11 @@ class FieldInfo:
         row_summary: a summary over the counted rows of the batch, left out of the
             report of a step in which no row counts.
         tensorboard: written as the TensorBoard scalar :attr:`tag`.
+        direction_power: p such that the value measured along s·u is s^p times its value
+            along the unit direction u: 1 for a logit velocity statistic (Δ_a, the
+            spreads), −1 for a radius, 0 for everything else. A measurement along a
+            direction of assumed length (FSDP2 replays before the global τ is known) is
+            corrected by (assumed/actual)^p after the reduction.
     """
 
     name: str
@@ -83,6 +88,7 @@ class FieldInfo:
     label: str | None = None
     row_summary: bool = False
     tensorboard: bool = True
+    direction_power: int = 0
 
     @property
     def tag(self) -> str | None:
@@ -108,6 +114,7 @@ def declare(
     label: str | None = None,
     row_summary: bool = False,
     tensorboard: bool = True,
+    direction_power: int = 0,
 ) -> Mapping[str, FieldInfo]:
     """The ``metadata`` of a report field: ``x: float = field(default=0.0, metadata=declare(...))``.
 
@@ -117,7 +124,12 @@ def declare(
         raise ValueError(f"reduce={reduce!r} is not a reduction; use one of {REDUCTIONS}")
     if (prometheus is None) != (help is None):
         raise ValueError(f"declare {meaning!r}: a Prometheus metric needs both a name and a help text")
-    info = FieldInfo("", meaning, unit, reduce, wire or "", prometheus, help, label, row_summary, tensorboard)
+    if direction_power not in (-1, 0, 1):
+        raise ValueError(f"declare {meaning!r}: direction_power must be -1, 0 or 1, got {direction_power!r}")
+    info = FieldInfo(
+        "", meaning, unit, reduce, wire or "", prometheus, help, label, row_summary, tensorboard,
+        direction_power,
+    )
     return MappingProxyType({_DECLARATION: info})
 
 
@@ -131,7 +143,7 @@ def _spread_stat(
     """The declaration of a statistic of the per-sample spreads: a label value of one metric."""
     return declare(
         meaning, "logit / parameter norm", reduce=reduce, wire=wire, prometheus=_SPREAD_METRIC,
-        help=_SPREAD_HELP, label="stat", row_summary=row_summary,
+        help=_SPREAD_HELP, label="stat", row_summary=row_summary, direction_power=1,
     )
 
 
@@ -204,7 +216,7 @@ class SpreadSummary:
     ))
     values: tuple[float, ...] = field(default=(), metadata=declare(
         "The per-sample spreads (for histograms), when there are few enough.",
-        "logit / parameter norm", reduce="none", wire="values", row_summary=True,
+        "logit / parameter norm", reduce="none", wire="values", row_summary=True, direction_power=1,
     ))
 
 
@@ -253,7 +265,7 @@ class StepReport:
     ))
     rho_a: float = field(metadata=declare(
         "ρ_a = π/Δ_a, the safe-step radius along the update direction.", "parameter norm",
-        reduce="none", prometheus="stepguard_radius",
+        reduce="none", prometheus="stepguard_radius", direction_power=-1,
         help="Safe-step radius rho_a = pi / delta_a along the update direction (+Inf when delta_a = 0).",
     ))
     r: float = field(metadata=declare(
@@ -263,12 +275,12 @@ class StepReport:
     ))
     delta_a: float = field(metadata=declare(
         "Δ_a = max_n (max_k a_nk − min_k a_nk), the batch logit spread along Δθ/τ.",
-        "logit / parameter norm", reduce="max", prometheus="stepguard_logit_spread",
+        "logit / parameter norm", reduce="max", prometheus="stepguard_logit_spread", direction_power=1,
         help="Batch logit spread delta_a = max over samples of max_k a_nk - min_k a_nk.",
     ))
     spread: SpreadSummary = field(default_factory=SpreadSummary, metadata=declare(
         "Distribution of the per-sample spreads; each statistic is declared on SpreadSummary.",
-        "logit / parameter norm", reduce="none",
+        "logit / parameter norm", reduce="none", direction_power=1,
     ))
     action: Action = field(default="allow", metadata=declare(
         "The policy's decision: allow, clip or veto.", "", reduce="none"))
@@ -296,12 +308,12 @@ class StepReport:
     ))
     rho_binary: float | None = field(default=None, metadata=declare(
         "ρ* = min_n √(s_n² + π²)/|a_n|, exact for one- and two-logit heads.", "parameter norm",
-        reduce="min", row_summary=True, prometheus="stepguard_binary_radius",
+        reduce="min", row_summary=True, prometheus="stepguard_binary_radius", direction_power=-1,
         help="Exact radius rho* for one- and two-logit heads.",
     ))
     rho_top2: float | None = field(default=None, metadata=declare(
         "Smallest per-sample top-2 radius √(δ_n² + π²)/|s_n| (≥ ρ_a).", "parameter norm",
-        reduce="min", row_summary=True, prometheus="stepguard_top2_radius",
+        reduce="min", row_summary=True, prometheus="stepguard_top2_radius", direction_power=-1,
         help="Smallest per-sample top-2 radius over the measured batch.",
     ))
     binding: tuple[int, ...] = field(default=(), metadata=declare(
@@ -471,25 +483,31 @@ The spread's statistics appear as ``spread.<stat>``; a nested mapping (``extras`
 """
 
 
-def _wire_table() -> tuple[dict[str, Reduction], frozenset[str]]:
-    """Measured tensor name → reduction (``"<prefix>."`` for nested mappings), and the row summaries."""
+def _wire_table() -> tuple[dict[str, Reduction], frozenset[str], dict[str, int]]:
+    """Measured tensor name → reduction (``"<prefix>."`` for nested mappings), the row summaries,
+    and the tensors whose value depends on the length of the measured direction → its power."""
     reductions: dict[str, Reduction] = {}
+    powers: dict[str, int] = {}
     seen: dict[str, FieldInfo] = {}
     for info in FIELDS.values():
         wire = info.wire + "." if info.nested else info.wire
         twin = seen.setdefault(wire, info)
-        if (twin.reduce, twin.row_summary) != (info.reduce, info.row_summary):
+        if (twin.reduce, twin.row_summary, twin.direction_power) != (
+            info.reduce, info.row_summary, info.direction_power
+        ):
             raise TypeError(
                 f"report fields {twin.name!r} and {info.name!r} travel as {wire!r} but declare "
-                f"different reductions or row summaries: make their declarations agree"
+                f"different reductions, row summaries or direction powers: make their declarations agree"
             )
         if info.reduce != "none":
             reductions[wire] = info.reduce
+            if info.direction_power:
+                powers[wire] = info.direction_power
     rows = frozenset(info.wire for info in FIELDS.values() if info.row_summary)
-    return reductions, rows
+    return reductions, rows, powers
 
 
-_WIRE_REDUCTIONS, _ROW_SUMMARIES = _wire_table()
+_WIRE_REDUCTIONS, _ROW_SUMMARIES, _DIRECTION_POWERS = _wire_table()
 
 
 def wire_reductions() -> dict[str, Reduction]:
@@ -499,6 +517,11 @@ def wire_reductions() -> dict[str, Reduction]:
     ``extras.<key>`` tensor is reduced alike.
     """
     return dict(_WIRE_REDUCTIONS)
+
+
+def direction_powers() -> dict[str, int]:
+    """Measured tensor name → its ``direction_power``, for the reduced tensors whose power is not 0."""
+    return dict(_DIRECTION_POWERS)
 
 
 def reduction_of(name: str) -> Reduction:

@@ -1,9 +1,10 @@
 """The numbers of one step beside the JVP's: gathered as tensors, reduced across ranks, synced.
 
-Everything a report carries besides the measurement itself — the gradient norm, the loss,
-a loss module's components, the realized changes of watched objectives — is collected as
-0-d tensors, so that a measured step under ``torch.distributed`` reduces all of them in
-one collective and every step reads them in one host transfer.
+Everything a report carries besides the measurement itself and the norms
+(:mod:`stepguard.norms`) — the loss, a loss module's components, the realized changes of
+watched objectives — is collected as 0-d tensors, so that a measured step under
+``torch.distributed`` reduces all of them in one collective and every step reads them in
+one host transfer.
 """
 
 from __future__ import annotations
@@ -11,13 +12,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from stepguard.costs import CostMeter
 from stepguard.diagnostics import EntanglementProbe
 from stepguard.distributed import reduce_across_ranks
-from stepguard.measure import global_norm, sync_to_host
+from stepguard.measure import sync_to_host
 from stepguard.snapshot import Update
 
 RANK_LOCAL = ("loss", "extras.", "entanglement.")
@@ -25,20 +25,11 @@ RANK_LOCAL = ("loss", "extras.", "entanglement.")
 
 
 def step_tensors(
-    grads: list[Tensor] | Tensor | None,
-    update: Update | None,
-    loss: Any,
-    loss_module: nn.Module | None,
-    probe: EntanglementProbe | None,
+    update: Update | None, loss: Any, loss_module: nn.Module | None, probe: EntanglementProbe | None
 ) -> dict[str, Tensor]:
-    """The gradient norm (``grads``, or a norm already reduced), the loss, loss components and
-    the realized changes of watched objectives, as 0-d tensors."""
+    """The loss, loss components and the realized changes of watched objectives, as 0-d tensors
+    (the gradient norm and cos(Δθ, θ₀) come from :mod:`stepguard.norms`)."""
     out: dict[str, Tensor] = {}
-    if isinstance(grads, Tensor):
-        out["grad_norm"] = grads
-    elif grads:
-        with torch.no_grad():
-            out["grad_norm"] = global_norm(grads)
     if probe is not None and update is not None:
         probe.realized(update.views())
         out.update({f"entanglement.{n}": v for n, v in probe.scalars().items()})

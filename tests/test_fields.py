@@ -299,3 +299,35 @@ def test_a_malformed_declaration_is_refused(kwargs: dict, match: str) -> None:
 
     with pytest.raises(ValueError, match=match):
         declare("a new number", **kwargs)
+
+
+@pytest.mark.parametrize("classes", [5, 2])
+def test_each_measured_number_scales_with_the_direction_length_by_its_declared_power(classes: int) -> None:
+    """Measured along Δθ/(τ/2) instead of Δθ/τ, a number of direction_power p is 2^p times larger;
+    the FSDP2 replay relies on it to correct a replay along an assumed length."""
+    from stepguard.config import GuardConfig
+    from stepguard.geometry.jvp import Batch
+    from stepguard.measure import measure_update
+    from stepguard.report import direction_powers
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, classes)).double()
+    theta = {n: p.detach().clone() for n, p in net.named_parameters()}
+    update = {n: 1e-2 * torch.randn_like(p) for n, p in net.named_parameters()}
+    x, y = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, classes, (12,))
+
+    def measured(tau: float) -> dict[str, torch.Tensor]:
+        _, scalars, _ = measure_update(
+            net, theta, update, torch.tensor(tau, dtype=torch.float64), Batch.from_inputs(x),
+            config=GuardConfig(), targets=y, summarize_on_host=False,
+        )
+        return scalars
+
+    powers = direction_powers()
+    assert powers == {"delta_a": 1, "spread_q": 1, "spread_min": 1, "spread_mean": 1, "rho_top2": -1,
+                      "rho_binary": -1}
+    along_tau, along_half = measured(0.3), measured(0.15)
+    assert set(along_tau) == set(along_half) and {"delta_a", "rho_top2", "nlm_cosine"} <= set(along_tau)
+    for name, value in along_tau.items():
+        expected = value * 2.0 ** powers.get(name, 0)
+        torch.testing.assert_close(along_half[name], expected, rtol=1e-12, atol=0, msg=name)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from ranks import join_gloo, spawn_ranks
+from ranks import GuardCollectives, join_gloo, spawn_ranks
 from torch import nn
 
 WORLD = 2
@@ -43,8 +43,9 @@ def _shard(net: nn.Module) -> nn.Module:
     return net
 
 
-def _train(net: nn.Module, guard, opt, rank: int) -> list[tuple]:
+def _train(net: nn.Module, guard, opt, rank: int, collectives: list[int] | None = None) -> list[tuple]:
     reports = []
+    counter = GuardCollectives() if collectives is not None else None
     for step in range(STEPS):
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
@@ -57,6 +58,8 @@ def _train(net: nn.Module, guard, opt, rank: int) -> list[tuple]:
         else:
             r = guard.step()
             reports.append((r.step, r.tau, r.r, r.delta_a, r.action, r.scale, r.spread.count, r.estimator))
+            if counter is not None and collectives is not None:
+                collectives.append(counter.take())
     return reports
 
 
@@ -72,7 +75,8 @@ def _worker(rank: int, store: str, out: str, case: str) -> None:
         result: dict = {}
         if case == "clip":
             guard = StepGuard(opt, model=net, policy="clip")
-            result["reports"] = _train(net, guard, opt, rank)
+            result["collectives"] = []
+            result["reports"] = _train(net, guard, opt, rank, result["collectives"])
             result["params"] = [p.full_tensor() for p in net.parameters()]
         elif case == "monitor":
             plain = _shard(make_net())
@@ -147,6 +151,9 @@ pytestmark = [
 def test_sharded_guard_decides_as_an_unsharded_guard_on_the_global_batch(tmp_path: Path) -> None:
     rank0, rank1 = _run(tmp_path, "clip")
     assert rank0["reports"] == rank1["reports"]  # every rank, the same numbers and decisions
+    # the guard's own collectives (FSDP's gathers not counted): the first step checks that
+    # the ranks agree and reduces τ before its replay; every later step, the reduction only
+    assert rank0["collectives"] == [3] + [1] * (STEPS - 1)
     reference, ref_params = _unsharded_reference()
     for got, want in zip(rank0["reports"], reference, strict=True):
         step, tau, r, delta_a, action, scale, count, estimator = got
