@@ -1,0 +1,253 @@
+"""A small Hugging Face Llama trained by a Lightning ``Trainer`` with FSDP2, guarded by StepGuard.
+
+The LightningModule applies ``fully_shard`` in ``configure_model`` (to every decoder layer
+and to the root, on the data-parallel dimension of the strategy's device mesh) and returns
+``StepGuard(AdamW(...), model=..., policy="clip")`` from ``configure_optimizers``, so the
+guard is the optimizer Lightning holds: Lightning calls ``guard.step(closure=...)``, the
+inner AdamW runs the closure (training_step and backward), and the guard measures and clips
+the update it proposes. The model, data and learning-rate spike are those of
+``examples/fsdp2_llama.py``: next-byte prediction on the text of ``pydoc_data.topics``, the
+learning rate multiplied by ``--spike`` from step ``--spike-at`` on. Lightning's
+distributed sampler gives each rank its own part of every global batch.
+
+Run on two CPU processes (gloo), launched by Lightning itself::
+
+    python examples/lightning_fsdp2.py --steps 30
+
+Lightning starts the second process by running this script again with the same arguments,
+so run it as a script, not from an interactive session. ``--json FILE`` writes every rank's
+per-step reports (loss, r, τ, action, scale) and counters. ``--checkpoint DIR`` saves the
+strategy's sharded checkpoint at the end, with the guard's own state in its metadata (see
+``on_save_checkpoint``); ``--resume DIR`` continues from one (see ``init_state``)::
+
+    python examples/lightning_fsdp2.py --steps 20 --checkpoint ckpt
+    python examples/lightning_fsdp2.py --steps 30 --resume ckpt
+
+``--epoch-batches N`` makes the data repeat after N global batches (an epoch). Lightning
+restarts the data of an epoch that a checkpoint interrupted, so a resumed run sees the same
+batches as an uninterrupted one only when the checkpoint falls on an epoch boundary; with
+``--epoch-batches 1`` every step trains on the same batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.utils.data import DataLoader, Dataset
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=30, help="training steps (default 30)")
+    parser.add_argument("--spike-at", type=int, default=15, help="first step of the LR spike (default 15)")
+    parser.add_argument("--spike", type=float, default=1000.0, help="LR factor of the spike (default 1000)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="base AdamW learning rate (default 1e-3)")
+    parser.add_argument("--devices", type=int, default=2, help="CPU processes (default 2)")
+    parser.add_argument("--batch", type=int, default=8, help="sequences per rank per step (default 8)")
+    parser.add_argument("--seq", type=int, default=64, help="bytes per sequence (default 64)")
+    parser.add_argument("--hidden", type=int, default=64, help="hidden size (default 64)")
+    parser.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
+    parser.add_argument(
+        "--epoch-batches",
+        type=int,
+        default=0,
+        help="global batches per epoch; the data repeats after them (default: --steps)",
+    )
+    parser.add_argument("--json", metavar="FILE", help="write every rank's per-step reports here")
+    parser.add_argument("--checkpoint", metavar="DIR", help="save a sharded checkpoint here at the end")
+    parser.add_argument("--resume", metavar="DIR", help="continue from a checkpoint saved with --checkpoint")
+    args = parser.parse_args(argv)
+    if args.devices < 1 or args.steps < 1 or args.batch < 1 or args.seq < 2 or args.epoch_batches < 0:
+        parser.error(
+            "--devices, --steps and --batch must be at least 1, --seq at least 2 and "
+            "--epoch-batches not negative"
+        )
+    args.epoch_batches = args.epoch_batches or args.steps
+    return args
+
+
+def corpus() -> torch.Tensor:
+    """The bytes of ``pydoc_data.topics`` (Python's help texts) as token ids 0–255."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics)).encode("utf-8")
+    return torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
+
+
+class Windows(Dataset):
+    """``count`` windows of ``seq`` bytes; window ``i`` starts at an offset drawn from seed ``i``."""
+
+    def __init__(self, count: int, seq: int) -> None:
+        self.data = corpus()
+        self.count = count
+        self.seq = seq
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(index)
+        start = int(torch.randint(0, len(self.data) - self.seq, (1,), generator=gen))
+        return self.data[start : start + self.seq]
+
+
+class GuardedLlama(pl.LightningModule):
+    """A tiny ``LlamaForCausalLM``, sharded in ``configure_model``, stepped by a StepGuard."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__()
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        self.args = args
+        config = LlamaConfig(
+            vocab_size=256,
+            hidden_size=args.hidden,
+            intermediate_size=2 * args.hidden,
+            num_hidden_layers=args.layers,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=args.seq,
+            attn_implementation="eager",
+        )
+        torch.manual_seed(0)  # the same initial weights on every rank
+        self.model = LlamaForCausalLM(config)
+        self.guard: Any = None
+        self.rows: list[dict[str, Any]] = []
+        self.everyone: list[Any] = []
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if isinstance(self.model, FSDPModule):  # Lightning calls this hook again for each stage
+            return
+        mesh = self.device_mesh["data_parallel"]  # 1-D: the guard refuses 2-D meshes
+        for layer in self.model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
+    def configure_optimizers(self) -> Any:
+        from stepguard import StepGuard
+
+        opt = torch.optim.AdamW(self.model.parameters(), lr=self.args.lr, weight_decay=0.0)
+        if self.args.resume:  # (Trainer.ckpt_path is set only later, when the checkpoint loads)
+            init_state(opt)
+        self.guard = StepGuard(opt, model=self.model, policy="clip")
+        return self.guard
+
+    def on_train_batch_start(self, batch: torch.Tensor, batch_idx: int) -> None:
+        factor = self.args.spike if self.global_step >= self.args.spike_at else 1.0
+        for group in self.guard.param_groups:
+            group["lr"] = self.args.lr * factor
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss = self.model(input_ids=batch, labels=batch).loss
+        self._loss = loss.detach()
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: torch.Tensor, batch_idx: int) -> None:
+        report = self.guard.last_report
+        self.rows.append(
+            {
+                "step": report.step,
+                "loss": self._loss.item(),
+                "r": report.r,
+                "tau": report.tau,
+                "action": report.action,
+                "scale": report.scale,
+            }
+        )
+
+    def on_train_end(self) -> None:
+        # Gathered here, while the strategy's process group is still up.
+        self.everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(
+            self.everyone, {"rank": dist.get_rank(), "rows": self.rows, "counters": self.guard.counters}
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The strategy saves the optimizer through get_optimizer_state_dict, which keeps only
+        # "state" and "param_groups" and drops the guard's "stepguard" entry; its own state
+        # (the same on every rank) goes into the checkpoint's metadata instead.
+        checkpoint["stepguard"] = self.guard.engine.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The strategy restores after setup: the guard exists and its optimizer state is loaded.
+        if "stepguard" in checkpoint:
+            self.guard.engine.load_state_dict(checkpoint["stepguard"])
+
+
+def init_state(opt: torch.optim.Optimizer) -> None:
+    """Give a fresh optimizer its state (zero gradients, learning rate 0) before a checkpoint loads.
+
+    The strategy loads the optimizer through ``get_optimizer_state_dict``, which first fills an
+    empty optimizer state by calling ``step()`` on the optimizer it holds. Called on the guard,
+    that step finds no training forward to measure and raises ``NoBatchError``; filled here on
+    the inner optimizer, whose state the guard shares, the call is skipped. The step leaves the
+    parameters as they are and the checkpoint then replaces the state.
+    """
+    params = [p for group in opt.param_groups for p in group["params"] if p.requires_grad]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    lrs = [group["lr"] for group in opt.param_groups]
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    opt.step()
+    for group, lr in zip(opt.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+
+
+def _decisions(rank: dict[str, Any]) -> list[tuple]:
+    """What every rank must share: the reduced numbers and the action of each step (not the loss)."""
+    return [(row["r"], row["tau"], row["action"], row["scale"]) for row in rank["rows"]]
+
+
+def print_table(everyone: list[dict[str, Any]], spike_at: int) -> None:
+    print(f"{'step':>4}  {'loss':>7}  {'r':>9}  action")
+    for row in everyone[0]["rows"]:
+        mark = "   <- LR spike" if row["step"] == spike_at else ""
+        print(f"{row['step']:>4}  {row['loss']:7.3f}  {row['r']:9.3g}  {row['action']}{mark}")
+    agree = all(_decisions(e) == _decisions(everyone[0]) for e in everyone)
+    print(f"ranks: {len(everyone)}; same r and decisions on every rank: {'yes' if agree else 'NO'}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # every rank on this machine
+    torch.set_num_threads(1)
+    module = GuardedLlama(args)
+    loader = DataLoader(
+        Windows(args.epoch_batches * args.batch * args.devices, args.seq), batch_size=args.batch
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        strategy=ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1),
+        max_steps=args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, loader, ckpt_path=args.resume)
+    if args.checkpoint:
+        trainer.save_checkpoint(args.checkpoint)
+    if trainer.global_rank == 0:
+        print_table(module.everyone, args.spike_at)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"ranks": module.everyone}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
