@@ -192,12 +192,17 @@ def norms_from_sums(sums: Mapping[str, float]) -> dict[str, float]:
     return {"tau": math.sqrt(delta_sq), "grad_norm": math.sqrt(grad_sq), "update_param_cosine": cosine}
 
 
+def summed(values: Tensor, group: object | None = None) -> Tensor:
+    """``values`` summed over the ranks in float64 (one ``all_reduce``; a copy, never in place)."""
+    total = values.to(torch.float64, copy=True)
+    if is_distributed(group):
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return total
+
+
 def summed_tau(local_tau: Tensor, group: object | None = None) -> Tensor:
     """τ of a sharded Δθ: √ of this rank's ‖Δθ‖² summed over the ranks (one ``all_reduce``), float64."""
-    delta_sq = local_tau.to(torch.float64).square()
-    if is_distributed(group):
-        dist.all_reduce(delta_sq, op=dist.ReduceOp.SUM, group=group)
-    return delta_sq.sqrt()
+    return summed(local_tau.to(torch.float64).square(), group).sqrt()
 
 
 def guard_facts(policy: object, config: Any, optimizer: object, params: list[Tensor]) -> dict[str, str]:

@@ -92,7 +92,8 @@ class GuardEngine:
         self.sinks = SinkSet(sinks, max_failures=self.config.sink_max_failures)
         self.loss = loss_module
         self.measured = MeasuredModel(model, self.config, logits_fn, loss_module, rows_fn)
-        self.trigger = MeasurementTrigger(self.config)
+        sharded = self.measured.sharded is not None
+        self.trigger = MeasurementTrigger(self.config, sharded=sharded)
         self.ledger = StepLedger(self.config)
         self._estimator = self.config.estimator
         self._inputs = StepInputs()
@@ -103,8 +104,7 @@ class GuardEngine:
         self._closure = self._in_step = False
         self._distributed = self.config.distributed == "auto" and is_distributed()
         self._rank, self._world = rank_and_world() if self._distributed else (0, 1)
-        sharded = self.measured.sharded is not None
-        self._norms = step_norms(sharded=sharded, every_step=self.trigger.every_step)
+        self._norms = step_norms(sharded=sharded)
         claim(optimizer, self)
 
     @property
@@ -238,8 +238,9 @@ class GuardEngine:
         tensors: dict[str, Tensor] = {"tau": tau}
         if not measure:
             return "estimate", tensors, {}
+        length = self._norms.replay_length(update) if update is not None else tau
         used, scalars, vectors = self.measured.measure(
-            self._snapshot, update, tau, observed, step=self.step_count, closure=self._closure,
+            self._snapshot, update, length, observed, step=self.step_count, closure=self._closure,
             estimator=self._estimator, summarize_on_host=not self._distributed, timings=self._timer.seconds,
         )
         if self._estimator == "auto" and used == "finite_difference":

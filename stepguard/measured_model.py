@@ -154,7 +154,11 @@ class MeasuredModel:
         summarize_on_host: bool,
         timings: dict[str, float],
     ) -> tuple[str, dict[str, Tensor], dict[str, Tensor]]:
-        """The logit velocities at θ₀ along Δθ/τ on the step's batches, and their statistics."""
+        """The logit velocities at θ₀ along Δθ/τ on the step's batches, and their statistics.
+
+        ``tau`` is the length the velocities are measured per: τ itself, or under FSDP2 the
+        last step's global τ (the statistics are corrected after the reduction).
+        """
         parts = self._parts(observed, step, closure)
         theta0 = snapshot.theta0
         delta = update.views() if update is not None else []
@@ -166,7 +170,7 @@ class MeasuredModel:
             tangent[name] = torch.zeros_like(own) if i is None else alias(delta[i])
         with contextlib.ExitStack() as stack:
             if update is not None:  # along 2^e·Δθ, which is Δθ again afterwards, bit for bit
-                tau = stack.enter_context(update.scaled_near_unit())
+                tau = stack.enter_context(update.scaled_near_unit(tau))
             return self._measure_parts(primals, tangent, tau, parts, estimator, summarize_on_host, timings)
 
     def _measure_parts(

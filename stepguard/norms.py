@@ -38,6 +38,10 @@ class LocalNorms:
     def difference(self, update: Update, params: Sequence[Tensor]) -> None:
         """Nothing to do: the snapshot's τ is already the global one."""
 
+    def replay_length(self, update: Update) -> Tensor:
+        """The length the replay measures velocities per: τ itself."""
+        return update.tau
+
     def step_tensors(self, update: Update | None, params: Sequence[Tensor]) -> dict[str, Tensor]:
         """The gradient norm and cos(Δθ, θ₀) of a measured step, as 0-d tensors."""
         grads = [p.grad for p in params if p.grad is not None]
@@ -57,19 +61,20 @@ class LocalNorms:
 class ShardedNorms:
     """FSDP2: each rank holds a shard of every parameter; the norms are sums over the ranks.
 
-    :meth:`difference` sets ``update.tau`` to the *reference* length ``reference_tau``:
-    the global τ of the last measured step, which every rank holds alike (a checkpoint
-    keeps it). The replay runs along Δθ/reference. Only a step without a reference (the
-    first, or one after a non-finite τ) reduces τ before its replay; every other step
-    uses one collective, the step's reduction, which carries this rank's parts of τ²,
-    ‖g‖², ⟨Δθ, θ₀⟩ and ‖θ₀‖². :meth:`finish` then computes τ, ‖g‖ and the cosine, and
-    multiplies each statistic of declared ``direction_power`` p by (reference/τ)^p: along
-    Δθ/reference the velocities are τ/reference times those along Δθ/τ.
+    ``update.tau`` is this rank's shard's ‖Δθ‖. The replay runs along Δθ/L with L the
+    *reference* length ``reference_tau``: the global τ of the last measured step, which
+    every rank holds alike (a checkpoint keeps it). Only a step without a reference (the
+    first, or one after a non-finite τ) reduces τ before its replay; every other measured
+    step uses one collective, the step's reduction, which carries this rank's parts of
+    τ², ‖g‖², ⟨Δθ, θ₀⟩ and ‖θ₀‖². :meth:`finish` then computes τ, ‖g‖ and the cosine, and
+    multiplies each statistic of declared ``direction_power`` p by (L/τ)^p: along Δθ/L the
+    velocities are τ/L times those along Δθ/τ.
     """
 
     def __init__(self) -> None:
         self.reference_tau: float | None = None
         self._sums: dict[str, Tensor] = {}
+        self._length: Tensor | None = None
         self._powers = direction_powers()
 
     def tensors(self, params: list[Tensor]) -> list[Tensor]:
@@ -77,15 +82,19 @@ class ShardedNorms:
         return [local_tensor(p) for p in params]
 
     def difference(self, update: Update, params: Sequence[Tensor]) -> None:
-        """Keep this rank's parts of the norms; make ``update.tau`` the reference length."""
+        """Keep this rank's parts of the norms."""
         with torch.no_grad():
             grads = [local_tensor(p.grad) for p in params if p.grad is not None]
             self._sums = shard_sums(update.tau, update.flats, [g.theta0 for g in update.groups], grads)
-            if self.reference_tau is None:
-                reference = summed_tau(update.tau)
-            else:
-                reference = torch.tensor(self.reference_tau, dtype=torch.float64, device=update.tau.device)
-        update.tau = reference
+        self._length = None
+
+    def replay_length(self, update: Update) -> Tensor:
+        """The reference length L, the same on every rank (reduced here when there is none yet)."""
+        if self.reference_tau is None:
+            self._length = summed_tau(update.tau)
+        else:
+            self._length = torch.tensor(self.reference_tau, dtype=torch.float64, device=update.tau.device)
+        return self._length
 
     def step_tensors(self, update: Update | None, params: Sequence[Tensor]) -> dict[str, Tensor]:
         """This rank's parts of the norms, for the step's one reduction."""
@@ -98,8 +107,8 @@ class ShardedNorms:
         out = {k: v for k, v in values.items() if not k.startswith("shard.")}
         out.update(norms_from_sums(values))
         tau = out["tau"]
-        reference = float(values["tau"])  # the reference length the replay ran along
-        ratio = reference / tau if tau > 0 else math.nan
+        length = float(self._length) if self._length is not None else math.nan  # what the replay ran along
+        ratio = length / tau if tau > 0 else math.nan
         for name, power in self._powers.items():
             if name in out and math.isfinite(ratio):
                 out[name] = _times(out[name], ratio**power)
@@ -116,17 +125,6 @@ def _times(value: Any, factor: float) -> Any:
     return value * factor
 
 
-def step_norms(*, sharded: bool, every_step: bool) -> LocalNorms | ShardedNorms:
-    """The norms of a guard over an FSDP2 model (``sharded``) or over plain parameters.
-
-    Raises:
-        NotImplementedError: a sharded model measured less often than every step.
-    """
-    if not sharded:
-        return LocalNorms()
-    if not every_step:
-        raise NotImplementedError(
-            "budget mode and measure_every > 1 are not supported on an FSDP2 model yet (the "
-            "direction sketch between measurements would need a collective); measure every step"
-        )
-    return ShardedNorms()
+def step_norms(*, sharded: bool) -> LocalNorms | ShardedNorms:
+    """The norms of a guard over an FSDP2 model (``sharded``) or over plain parameters."""
+    return ShardedNorms() if sharded else LocalNorms()

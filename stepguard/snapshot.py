@@ -94,22 +94,24 @@ class Update:
         return self._views
 
     @contextlib.contextmanager
-    def scaled_near_unit(self) -> Iterator[Tensor]:
-        """Δθ scaled in place by 2^e, with 1 < τ·2^e ≤ 2 (e clamped to [0, 14]), and back.
+    def scaled_near_unit(self, length: Tensor | None = None) -> Iterator[Tensor]:
+        """Δθ scaled in place by 2^e, with 1 < L·2^e ≤ 2 (e clamped to [0, 14]), and back.
 
-        Yields τ·2^e. Multiplying by a power of two is exact, so the flats come back bit
-        for bit; e ≥ 0 never pushes an element towards the subnormals, and 2^14 fits in
-        float16. A tangent near unit length keeps a replay in half precision away from
-        underflow, as Δθ/τ would, without a scaled copy of Δθ.
+        L is ``length``, τ unless given (FSDP2 gives the last step's global τ, since this
+        rank's τ is only its shard's). Yields L·2^e. Multiplying by a power of two is exact,
+        so the flats come back bit for bit; e ≥ 0 never pushes an element towards the
+        subnormals, and 2^14 fits in float16. A tangent near unit length keeps a replay in
+        half precision away from underflow, as Δθ/τ would, without a scaled copy of Δθ.
         """
-        _, exponent = torch.frexp(torch.where(self.tau > 0, 1.0 / self.tau, 1.0))
-        exponent = exponent.clamp(0, 14)  # 1/τ = m·2^e with m in [0.5, 1)
-        power = torch.ldexp(torch.ones_like(self.tau), exponent)
+        length = self.tau if length is None else length
+        _, exponent = torch.frexp(torch.where(length > 0, 1.0 / length, 1.0))
+        exponent = exponent.clamp(0, 14)  # 1/L = m·2^e with m in [0.5, 1)
+        power = torch.ldexp(torch.ones_like(length), exponent)
         with torch.no_grad():
             for flat in self.flats:
                 flat.mul_(power.to(flat.device, flat.dtype))
         try:
-            yield self.tau * power
+            yield length * power
         finally:
             with torch.no_grad():
                 for flat in self.flats:

@@ -4,7 +4,10 @@ One object owns everything budget mode needs: the :class:`~stepguard.schedule.Me
 (the rules), the :class:`~stepguard.costs.CostMeter` (the running costs it plans with), the last
 measured radius ρ_a and a fixed sample of Δθ's coordinates that tells when the direction turns.
 On an unmeasured step everything it needs comes to the host in one read (τ, the loss, the
-sketch's cosine); the engine reuses those numbers for the report.
+sketch's cosine); the engine reuses those numbers for the report. Under FSDP2 each rank
+holds a shard of Δθ, so that read is one ``all_reduce`` of four sums (this rank's ‖Δθ‖²,
+its sketch's dot product with the reference sketch, and both sketches' squared norms):
+every rank then plans with the same global τ and cosine.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from torch import Tensor
 
 from stepguard.config import GuardConfig
 from stepguard.costs import CostMeter
+from stepguard.distributed import summed
 from stepguard.schedule import MeasurementSchedule
 from stepguard.snapshot import ParameterSnapshot, Update
 
@@ -29,7 +33,7 @@ SKETCH_SIZE = 4096
 class MeasurementTrigger:
     """Decides, step by step, whether to measure; keeps the costs and the last radius."""
 
-    def __init__(self, config: GuardConfig) -> None:
+    def __init__(self, config: GuardConfig, *, sharded: bool = False) -> None:
         self.schedule = MeasurementSchedule(
             every=config.measure_every,
             budget=config.budget,
@@ -42,6 +46,7 @@ class MeasurementTrigger:
         self.host_values: dict[str, float] | None = None
         self._sketch_index: list[Tensor] = []
         self._sketch_ref: tuple[Tensor, Tensor] | None = None
+        self._sharded = sharded
 
     @property
     def every_step(self) -> bool:
@@ -62,6 +67,11 @@ class MeasurementTrigger:
         if self.last_rho is None or self._sketch_ref is None:
             return True, "first"
         started = time.perf_counter()
+        if self._sharded:
+            tau_value, cosine = self._read_sharded(tau, self._sketch(snapshot, update))
+            self.host_values = {"tau": tau_value}
+            timings["trigger"] = time.perf_counter() - started
+            return self.schedule.due(tau_value, self._estimate(tau_value), cosine)
         names, parts = ["tau"], [tau]
         if isinstance(loss, Tensor) and loss.numel() == 1:
             names.append("loss")
@@ -76,14 +86,37 @@ class MeasurementTrigger:
             along, length, reference = numbers[-3:]
             cosine = along / length if length > 0 and reference > 0 else 1.0
         timings["trigger"] = time.perf_counter() - started
-        tau_value, rho = numbers[0], self.last_rho
-        estimate = 0.0 if rho == math.inf else (tau_value / rho if rho > 0 else math.nan)
-        return self.schedule.due(tau_value, estimate, cosine)
+        return self.schedule.due(numbers[0], self._estimate(numbers[0]), cosine)
+
+    def _estimate(self, tau: float) -> float:
+        """r estimated from this step's τ and the last measured radius."""
+        rho = self.last_rho
+        return 0.0 if rho == math.inf else (tau / rho if rho is not None and rho > 0 else math.nan)
+
+    def _read_sharded(self, local_tau: Tensor, sketch: Tensor | None) -> tuple[float, float | None]:
+        """The global τ and the sketch's cosine from this rank's shard, in one ``all_reduce``."""
+        wide = torch.float64
+        parts = [local_tau.to(wide).square()]
+        if sketch is not None and self._sketch_ref is not None:
+            s, ref = sketch.to(wide), self._sketch_ref[0].to(wide)
+            parts += [s @ ref, s @ s, ref @ ref]
+        numbers = summed(torch.stack(parts)).tolist()
+        cosine = None
+        if len(numbers) == 4:
+            along, length_sq, reference_sq = numbers[1:]
+            both = length_sq * reference_sq
+            cosine = along / math.sqrt(both) if both > 0 else 1.0
+        return math.sqrt(numbers[0]), cosine
 
     def remember_direction(self, snapshot: ParameterSnapshot, update: Update | None) -> None:
         """A measured step's direction becomes the reference for the next turns."""
-        if not self.every_step:
-            self._sketch_ref = _unit(self._sketch(snapshot, update))
+        if self.every_step:
+            return
+        sketch = self._sketch(snapshot, update)
+        if self._sharded:  # a shard's part: normalized only once summed over the ranks
+            self._sketch_ref = None if sketch is None else (sketch, torch.zeros(()))
+        else:
+            self._sketch_ref = _unit(sketch)
 
     def measured_radius(self, rho: float) -> None:
         if math.isfinite(rho) or rho == math.inf:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -36,8 +37,10 @@ def test_a_zero_vector_has_cosine_zero_and_a_nan_stays_nan() -> None:
 def test_finish_corrects_the_statistics_from_the_reference_length_to_tau() -> None:
     """Replayed along Δθ/2 where τ = 4: velocities twice too large, radii half too small."""
     norms = ShardedNorms()
+    norms.reference_tau = 2.0
+    assert float(norms.replay_length(SimpleNamespace(tau=torch.tensor(1.0)))) == 2.0  # no collective
     reduced = {
-        "tau": 2.0, "shard.delta_sq": 16.0, "shard.grad_sq": 1.0, "shard.dot": 0.0, "shard.theta_sq": 1.0,
+        "tau": 1.0, "shard.delta_sq": 16.0, "shard.grad_sq": 1.0, "shard.dot": 0.0, "shard.theta_sq": 1.0,
         "delta_a": 6.0, "spread_q": [4.0, 2.0, 1.0], "spread_min": 0.5, "spread_mean": 1.5,
         "rho_top2": 1.0, "nlm_cosine": 0.25, "count": 8.0,
     }
@@ -47,3 +50,4 @@ def test_finish_corrects_the_statistics_from_the_reference_length_to_tau() -> No
     assert out["rho_top2"] == 2.0
     assert (out["nlm_cosine"], out["count"]) == (0.25, 8.0)  # independent of the direction's length
     assert not any(name.startswith("shard.") for name in out)
+    assert norms.reference_tau == 4.0  # the next replay runs along Δθ/4

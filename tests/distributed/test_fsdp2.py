@@ -66,15 +66,16 @@ def _train(net: nn.Module, guard, opt, rank: int, collectives: list[int] | None 
 def _worker(rank: int, store: str, out: str, case: str) -> None:
     import torch.distributed as dist
 
-    from stepguard import StepGuard, VetoPolicy
+    from stepguard import GuardConfig, StepGuard, VetoPolicy
 
     join_gloo(rank, store, WORLD)
     try:
         net = _shard(make_net())
         opt = torch.optim.Adam(net.parameters(), lr=1e-2)
         result: dict = {}
-        if case == "clip":
-            guard = StepGuard(opt, model=net, policy="clip")
+        if case in ("clip", "every3", "budget"):
+            config = {"every3": GuardConfig(measure_every=3), "budget": GuardConfig(budget=0.1)}.get(case)
+            guard = StepGuard(opt, model=net, policy="clip", config=config)
             result["collectives"] = []
             result["reports"] = _train(net, guard, opt, rank, result["collectives"])
             result["params"] = [p.full_tensor() for p in net.parameters()]
@@ -123,12 +124,12 @@ def _run(tmp_path: Path, case: str) -> list[dict]:
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
 
-def _unsharded_reference() -> tuple[list[tuple], list[torch.Tensor]]:
-    from stepguard import StepGuard
+def _unsharded_reference(measure_every: int = 1) -> tuple[list[tuple], list[torch.Tensor]]:
+    from stepguard import GuardConfig, StepGuard
 
     net = make_net()
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    guard = StepGuard(opt, model=net, policy="clip")
+    guard = StepGuard(opt, model=net, policy="clip", config=GuardConfig(measure_every=measure_every))
     reports = []
     for step in range(STEPS):
         for group in opt.param_groups:
@@ -166,6 +167,38 @@ def test_sharded_guard_decides_as_an_unsharded_guard_on_the_global_batch(tmp_pat
     largest = max(float(p.abs().max()) for p in ref_params)
     for got, want in zip(rank0["params"], ref_params, strict=True):
         assert float((got - want).abs().max()) <= 1e-3 * largest
+
+
+def test_between_measurements_the_sharded_guard_estimates_as_an_unsharded_guard(tmp_path: Path) -> None:
+    """measure_every=3 (the schedule of budget mode without its timing): the same steps are
+    measured and estimated as by an unsharded guard on the global batch, with the same r."""
+    rank0, rank1 = _run(tmp_path, "every3")
+    assert rank0["reports"] == rank1["reports"]
+    reference, ref_params = _unsharded_reference(measure_every=3)
+    got_estimators = [g[7] for g in rank0["reports"]]
+    assert got_estimators == [w[7] for w in reference]
+    assert "estimate" in got_estimators and "jvp" in got_estimators
+    for got, want in zip(rank0["reports"], reference, strict=True):
+        assert (got[0], got[4]) == (want[0], want[4])
+        assert got[2] == pytest.approx(want[2], rel=1e-3) and got[1] == pytest.approx(want[1], rel=1e-3)
+    assert "clip" in [g[4] for g in rank0["reports"][SPIKE_AT:]]
+    largest = max(float(p.abs().max()) for p in ref_params)
+    for got, want in zip(rank0["params"], ref_params, strict=True):
+        assert float((got - want).abs().max()) <= 1e-3 * largest
+    # the guard's own collectives: an estimated step reads τ and the sketch's cosine in one
+    # all_reduce; a step the schedule measures adds the reduction; the first step as above
+    expected = [3] + [1 if g[7] == "estimate" else 2 for g in rank0["reports"][1:]]
+    assert rank0["collectives"] == expected
+
+
+def test_budget_mode_takes_the_same_decisions_on_every_rank(tmp_path: Path) -> None:
+    rank0, rank1 = _run(tmp_path, "budget")
+    assert rank0["reports"] == rank1["reports"] and rank0["collectives"] == rank1["collectives"]
+    estimators = [g[7] for g in rank0["reports"]]
+    assert "estimate" in estimators and estimators[0] == "jvp"
+    assert "clip" in [g[4] for g in rank0["reports"][SPIKE_AT:]]
+    for a, b in zip(rank0["params"], rank1["params"], strict=True):
+        assert torch.equal(a, b)
 
 
 def test_monitor_is_bitwise_the_plain_fsdp2_run(tmp_path: Path) -> None:
