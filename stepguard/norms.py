@@ -1,7 +1,7 @@
 """Where a step's norms come from: the tensors this process holds, or (FSDP2) shards summed over the ranks.
 
-The engine asks the same questions of either: which tensors to snapshot, what τ is before
-the measurement, which numbers travel to the cross-rank reduction beside the
+The engine asks the same questions of either: which tensors to snapshot, what length the
+replay measures the velocities per, which numbers travel to the cross-rank reduction beside the
 measurement's, and how the reduced numbers become the report's. Unsharded, every answer
 is local. Under FSDP2 each rank snapshots only its shards; τ, the gradient norm and the
 cosine are sums of the ranks' parts (:func:`stepguard.distributed.shard_sums`) that travel
