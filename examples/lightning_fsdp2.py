@@ -23,10 +23,10 @@ strategy's sharded checkpoint at the end, with the guard's own state in its meta
     python examples/lightning_fsdp2.py --steps 20 --checkpoint ckpt
     python examples/lightning_fsdp2.py --steps 30 --resume ckpt
 
-``--epoch-batches N`` makes the data repeat after N global batches (an epoch). Lightning
-restarts the data of an epoch that a checkpoint interrupted, so a resumed run sees the same
-batches as an uninterrupted one only when the checkpoint falls on an epoch boundary; with
-``--epoch-batches 1`` every step trains on the same batch.
+``--epoch-batches N`` makes the data repeat after N global batches (an epoch). A resumed run
+need not see the batches an uninterrupted run would have seen (where Lightning resumes in the
+data is its own); with ``--epoch-batches 1`` every step trains on the same batch, so the two
+can be compared step by step.
 """
 
 from __future__ import annotations
