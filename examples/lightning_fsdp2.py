@@ -2,13 +2,14 @@
 
 The LightningModule applies ``fully_shard`` in ``configure_model`` (to every decoder layer
 and to the root, on the data-parallel dimension of the strategy's device mesh) and returns
-``StepGuard(AdamW(...), model=..., policy="clip")`` from ``configure_optimizers``, so the
-guard is the optimizer Lightning holds: Lightning calls ``guard.step(closure=...)``, the
-inner AdamW runs the closure (training_step and backward), and the guard measures and clips
-the update it proposes. The model, data and learning-rate spike are those of
-``examples/fsdp2_llama.py``: next-byte prediction on the text of ``pydoc_data.topics``, the
-learning rate multiplied by ``--spike`` from step ``--spike-at`` on. Lightning's
-distributed sampler gives each rank its own part of every global batch.
+a plain AdamW over the sharded parameters from ``configure_optimizers``. The Trainer's
+``StepGuardCallback(policy="clip", model_fn=lambda m: m.model)`` wraps it in a guard when
+fitting starts, so the guard is the optimizer Lightning holds: Lightning calls
+``guard.step(closure=...)``, the inner AdamW runs the closure (training_step and backward),
+and the guard measures and clips the update it proposes. The model, data and learning-rate
+spike are those of ``examples/fsdp2_llama.py``: next-byte prediction on the text of
+``pydoc_data.topics``, the learning rate multiplied by ``--spike`` from step ``--spike-at``
+on. Lightning's distributed sampler gives each rank its own part of every global batch.
 
 Run on two CPU processes (gloo), launched by Lightning itself::
 
@@ -17,8 +18,9 @@ Run on two CPU processes (gloo), launched by Lightning itself::
 Lightning starts the second process by running this script again with the same arguments,
 so run it as a script, not from an interactive session. ``--json FILE`` writes every rank's
 per-step reports (loss, r, τ, action, scale) and counters. ``--checkpoint DIR`` saves the
-strategy's sharded checkpoint at the end, with the guard's own state in its metadata (see
-``on_save_checkpoint``); ``--resume DIR`` continues from one (see ``init_state``)::
+strategy's sharded checkpoint at the end, where the callback puts the guard's own state
+(steps, counters, policy state) in the metadata; ``--resume DIR`` continues from one, the
+guard's steps and counters included::
 
     python examples/lightning_fsdp2.py --steps 20 --checkpoint ckpt
     python examples/lightning_fsdp2.py --steps 30 --resume ckpt
@@ -43,6 +45,8 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader, Dataset
+
+from stepguard.integrations.lightning import StepGuardCallback
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -120,7 +124,6 @@ class GuardedLlama(pl.LightningModule):
         )
         torch.manual_seed(0)  # the same initial weights on every rank
         self.model = LlamaForCausalLM(config)
-        self.guard: Any = None
         self.rows: list[dict[str, Any]] = []
         self.everyone: list[Any] = []
 
@@ -134,14 +137,13 @@ class GuardedLlama(pl.LightningModule):
             fully_shard(layer, mesh=mesh)
         fully_shard(self.model, mesh=mesh)
 
-    def configure_optimizers(self) -> Any:
-        from stepguard import StepGuard
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.model.parameters(), lr=self.args.lr, weight_decay=0.0)
 
-        opt = torch.optim.AdamW(self.model.parameters(), lr=self.args.lr, weight_decay=0.0)
-        if self.args.resume:  # (Trainer.ckpt_path is set only later, when the checkpoint loads)
-            init_state(opt)
-        self.guard = StepGuard(opt, model=self.model, policy="clip")
-        return self.guard
+    @property
+    def guard(self) -> Any:
+        """The StepGuard the callback put in the AdamW's place when fitting started."""
+        return self.trainer.optimizers[0]
 
     def on_train_batch_start(self, batch: torch.Tensor, batch_idx: int) -> None:
         factor = self.args.spike if self.global_step >= self.args.spike_at else 1.0
@@ -173,38 +175,6 @@ class GuardedLlama(pl.LightningModule):
             self.everyone, {"rank": dist.get_rank(), "rows": self.rows, "counters": self.guard.counters}
         )
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # The strategy saves the optimizer through get_optimizer_state_dict, which keeps only
-        # "state" and "param_groups" and drops the guard's "stepguard" entry; its own state
-        # (the same on every rank) goes into the checkpoint's metadata instead.
-        checkpoint["stepguard"] = self.guard.engine.state_dict()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # The strategy restores after setup: the guard exists and its optimizer state is loaded.
-        if "stepguard" in checkpoint:
-            self.guard.engine.load_state_dict(checkpoint["stepguard"])
-
-
-def init_state(opt: torch.optim.Optimizer) -> None:
-    """Give a fresh optimizer its state (zero gradients, learning rate 0) before a checkpoint loads.
-
-    The strategy loads the optimizer through ``get_optimizer_state_dict``, which first fills an
-    empty optimizer state by calling ``step()`` on the optimizer it holds. Called on the guard,
-    that step finds no training forward to measure and raises ``NoBatchError``; filled here on
-    the inner optimizer, whose state the guard shares, the call is skipped. The step leaves the
-    parameters as they are and the checkpoint then replaces the state.
-    """
-    params = [p for group in opt.param_groups for p in group["params"] if p.requires_grad]
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    lrs = [group["lr"] for group in opt.param_groups]
-    for group in opt.param_groups:
-        group["lr"] = 0.0
-    opt.step()
-    for group, lr in zip(opt.param_groups, lrs, strict=True):
-        group["lr"] = lr
-    opt.zero_grad(set_to_none=True)
-
 
 def _decisions(rank: dict[str, Any]) -> list[tuple]:
     """What every rank must share: the reduced numbers and the action of each step (not the loss)."""
@@ -233,6 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         devices=args.devices,
         strategy=ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1),
         max_steps=args.steps,
+        callbacks=[StepGuardCallback(policy="clip", model_fn=lambda m: m.model)],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

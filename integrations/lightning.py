@@ -7,8 +7,14 @@ measures the update the optimizer proposes on the batch of the module's training
 and clips or vetoes it. The reports go to the sinks and, aggregated per logging window, to
 the Trainer's loggers as ``stepguard/<field>``.
 
-Each guard's state travels with its optimizer's state dict, so a checkpoint holds it and
-``trainer.fit(..., ckpt_path=...)`` continues the report steps where the checkpoint left off.
+A checkpoint holds each guard's state (steps, counters, schedule, policy state) and
+``trainer.fit(..., ckpt_path=...)`` continues the report steps and counters where it left off.
+Under the default strategies the state travels in the ``"stepguard"`` entry of each optimizer
+state dict. Strategies that save optimizers through torch's ``get_optimizer_state_dict``
+(``ModelParallelStrategy``, FSDP2) keep only ``state`` and ``param_groups`` and drop that
+entry, so the callback also stores every guard's state at the top level of the checkpoint,
+under ``"stepguard"`` (a list by optimizer index), and restores it from there when the
+optimizer states do not hold it.
 
 Requires ``pip install 'stepguard[lightning]'``.
 """
@@ -45,6 +51,9 @@ except ImportError:  # the standalone package name
         ) from exc
 
 logger = logging.getLogger("stepguard")
+
+CHECKPOINT_KEY = "stepguard"
+"""The top-level checkpoint entry that holds every guard's state, by optimizer index."""
 
 ModelFn = Callable[[nn.Module], nn.Module]
 """Picks, from the LightningModule, the module whose forward makes the logits."""
@@ -121,6 +130,7 @@ class StepGuardCallback(Callback):
         self._collects: list[CollectSink] = []
         self._targets_fns: list[TargetsFn] = []
         self._resume_step: int | None = None
+        self._resume_states: list[Mapping[str, Any]] | None = None
 
     def on_fit_start(self, trainer: Any, pl_module: nn.Module) -> None:
         optimizers = list(trainer.strategy.optimizers)
@@ -157,12 +167,47 @@ class StepGuardCallback(Callback):
         policy = self.policy_factory() if self.policy_factory else self.policy
         return StepGuard(inner, model=model, policy=policy, sinks=[collect, *self._sinks], config=self.config)
 
+    def on_save_checkpoint(self, trainer: Any, pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
+        # The optimizer states hold the same under the default strategies; under
+        # ModelParallelStrategy this entry is the only copy (it lands in the metadata file).
+        checkpoint[CHECKPOINT_KEY] = [guard.engine.state_dict() for guard in self.guards]
+
     def on_load_checkpoint(self, trainer: Any, pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
+        # Runs before on_fit_start (default strategies) or after it (strategies that restore
+        # after setup), so the state is applied in on_train_start, once the guards exist and
+        # the strategy has loaded the optimizer states. The optimizer states win: where they
+        # hold the guard's state, the optimizers' load_state_dict has restored it already.
+        self._resume_states = None
+        self._resume_step = None
         states = checkpoint.get("optimizer_states") or []
-        if checkpoint.get("global_step") and not any("stepguard" in state for state in states):
+        if any(isinstance(state, Mapping) and "stepguard" in state for state in states):
+            return
+        saved = checkpoint.get(CHECKPOINT_KEY)
+        if isinstance(saved, list | tuple) and all(isinstance(state, Mapping) for state in saved):
+            self._resume_states = list(saved)
+            return
+        if saved is not None:
+            logger.warning(
+                "the checkpoint's %r entry is not a list of StepGuard states (one per optimizer) "
+                "and is ignored",
+                CHECKPOINT_KEY,
+            )
+        if checkpoint.get("global_step"):
             self._resume_step = int(checkpoint["global_step"])
 
     def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
+        states, self._resume_states = self._resume_states, None
+        if states is not None:
+            if len(states) == len(self.guards):
+                for guard, state in zip(self.guards, states, strict=True):
+                    guard.engine.load_state_dict(state)
+                return
+            logger.warning(
+                "the checkpoint holds StepGuard state for %d optimizer(s) and the module has %d: "
+                "the guards' state is not restored",
+                len(states),
+                len(self.guards),
+            )
         step, self._resume_step = self._resume_step, None
         if step is None:
             return
@@ -227,8 +272,9 @@ class StepGuardCallback(Callback):
             sink.close()
 
 
-def _per_optimizer(value: _F | Mapping[int, _F] | Sequence[_F] | None, count: int, name: str, *,
-                   default: _F) -> list[_F]:
+def _per_optimizer(
+    value: _F | Mapping[int, _F] | Sequence[_F] | None, count: int, name: str, *, default: _F
+) -> list[_F]:
     """One function per optimizer index, from one function, a mapping or a sequence."""
     if value is None:
         return [default] * count

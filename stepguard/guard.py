@@ -184,8 +184,12 @@ class StepGuard(torch.optim.Optimizer):
         targets: Tensor | None = None,
         mask: Tensor | None = None,
         loss: Tensor | float | None = None,
-    ) -> StepReport:
+    ) -> StepReport | None:
         """Run the inner optimizer's step under the guard and return its :class:`StepReport`.
+
+        One call is passed straight to the inner optimizer, unmeasured and uncounted, and
+        returns None: the step ``torch.distributed.checkpoint.state_dict`` takes to fill an
+        empty optimizer state before it saves or loads one (see :meth:`_is_state_filling_step`).
 
         Args:
             closure: passed to the inner optimizer (always called when given, as
@@ -195,6 +199,9 @@ class StepGuard(torch.optim.Optimizer):
             mask: boolean per sample/position; False rows do not count.
             loss: the step's loss, for the report.
         """
+        bare = closure is None and inputs is None and targets is None and mask is None and loss is None
+        if bare and self._is_state_filling_step():
+            return self.optimizer.step()
         self.engine.observe(inputs=inputs, targets=targets, mask=mask, loss=loss)
         self.engine.before_step(closure=closure is not None)
         try:
@@ -203,6 +210,43 @@ class StepGuard(torch.optim.Optimizer):
             self.engine.abort()
             raise
         return self.engine.after_step(loss=result)
+
+    def _is_state_filling_step(self) -> bool:
+        """Whether this is the step ``get_optimizer_state_dict`` takes to create the state.
+
+        Before it saves or loads an optimizer state, torch's ``_init_optim_state``
+        (``torch/distributed/checkpoint/state_dict.py``) gives an optimizer with an empty state
+        and no gradients zero gradients on every parameter that requires one, sets every
+        group's learning rate to 0 and calls ``step(closure=None)``. Lightning's
+        ``ModelParallelStrategy`` makes that call on the guard, which on a fresh guard has no
+        training forward to measure. Recognised are exactly those conditions: the state is
+        empty, every group has a learning rate of 0, and every parameter that requires a
+        gradient has one that is all zeros. With every update scaled by a learning rate of 0,
+        such a step moves no parameter; any other step, including a first step at learning
+        rate 0 with real gradients, is guarded (and without a captured batch raises). Under
+        FSDP2 each rank tests only its own gradient shards, without a collective: the ranks
+        could disagree only on a real step whose gradient is exactly zero on one rank's
+        shards of every parameter and not on another's.
+        """
+        if self.optimizer.state:
+            return False
+        grads = []
+        for group in self.param_groups:
+            lr = group.get("lr")
+            if lr is None or float(lr) != 0.0:
+                return False
+            for param in group["params"]:
+                if param.requires_grad:
+                    if param.grad is None:
+                        return False
+                    grads.append(param.grad)
+        if not grads:
+            return False
+        for grad in grads:
+            local = grad.to_local() if hasattr(grad, "to_local") else grad  # a DTensor's shard
+            if local.count_nonzero().item():
+                return False
+        return True
 
     # torch.optim.Optimizer.__init__ wraps ``step`` in its profile_hook_step, which runs the
     # global and the guard's own step pre/post hooks and opens a record_function range. A

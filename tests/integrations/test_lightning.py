@@ -20,8 +20,9 @@ from stepguard.integrations.lightning import DEFAULT_MAX_REPORTS, StepGuardCallb
 class Classifier(pl.LightningModule):
     """Adam on a small MLP; the LR is multiplied by ``spike`` at the steps ``spiked(step)`` says."""
 
-    def __init__(self, spiked=lambda step: False, spike: float = 10_000.0, optimizer: str = "adam",
-                 lr: float = 1e-3) -> None:
+    def __init__(
+        self, spiked=lambda step: False, spike: float = 10_000.0, optimizer: str = "adam", lr: float = 1e-3
+    ) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
         self.spiked, self.spike, self.optimizer, self.lr = spiked, spike, optimizer, lr
@@ -64,8 +65,11 @@ class Recorder(Logger):
         pass
 
     def guard_entries(self) -> list[tuple[int | None, dict[str, float]]]:
-        return [(step, metrics) for step, metrics in self.entries
-                if any(name.startswith("stepguard/") for name in metrics)]
+        return [
+            (step, metrics)
+            for step, metrics in self.entries
+            if any(name.startswith("stepguard/") for name in metrics)
+        ]
 
 
 def loader(n: int = 64, batch_size: int = 16) -> torch.utils.data.DataLoader:
@@ -76,8 +80,13 @@ def loader(n: int = 64, batch_size: int = 16) -> torch.utils.data.DataLoader:
 
 def make_trainer(tmp_path, callback, *, max_steps: int, **overrides) -> pl.Trainer:
     settings = dict(
-        max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
         default_root_dir=tmp_path,
     )
     return pl.Trainer(**(settings | overrides))
@@ -233,13 +242,55 @@ def test_a_checkpoint_without_guard_state_resumes_at_the_global_step(tmp_path, c
     checkpoint = torch.load(tmp_path / "four.ckpt", weights_only=False)
     for state in checkpoint["optimizer_states"]:
         state.pop("stepguard")
+    checkpoint.pop("stepguard")
     torch.save(checkpoint, tmp_path / "plain.ckpt")
 
     resumed = StepGuardCallback()
     with caplog.at_level(logging.WARNING, logger="stepguard"):
-        make_trainer(tmp_path, resumed, max_steps=6).fit(Classifier(), loader(), ckpt_path=tmp_path / "plain.ckpt")
+        make_trainer(tmp_path, resumed, max_steps=6).fit(
+            Classifier(), loader(), ckpt_path=tmp_path / "plain.ckpt"
+        )
     assert [r.step for r in resumed.reports] == [4, 5]
     assert "global step 4" in caplog.text
+
+
+def test_the_guards_state_is_restored_from_the_top_level_entry_when_the_optimizers_lack_it(
+    tmp_path,
+) -> None:
+    # As ModelParallelStrategy saves: get_optimizer_state_dict drops the optimizers' "stepguard".
+    spiked = lambda step: step % 2 == 1  # noqa: E731
+    first = StepGuardCallback(policy="clip")
+    trainer = make_trainer(tmp_path, first, max_steps=4)
+    trainer.fit(Classifier(spiked=spiked), loader())
+    trainer.save_checkpoint(tmp_path / "four.ckpt")
+    checkpoint = torch.load(tmp_path / "four.ckpt", weights_only=False)
+    assert checkpoint["stepguard"] == [first.guards[0].engine.state_dict()]
+    assert checkpoint["stepguard"][0]["counters"] == {"allow": 2, "clip": 2, "veto": 0}
+    for state in checkpoint["optimizer_states"]:
+        state.pop("stepguard")
+    torch.save(checkpoint, tmp_path / "top.ckpt")
+
+    resumed = StepGuardCallback(policy="clip")
+    make_trainer(tmp_path, resumed, max_steps=6).fit(
+        Classifier(spiked=spiked), loader(), ckpt_path=tmp_path / "top.ckpt"
+    )
+    assert [r.step for r in resumed.reports] == [4, 5]
+    assert resumed.guards[0].counters == {"allow": 3, "clip": 3, "veto": 0}
+
+
+def test_the_optimizer_states_copy_wins_over_the_top_level_entry(tmp_path) -> None:
+    trainer = make_trainer(tmp_path, StepGuardCallback(policy="clip"), max_steps=4)
+    trainer.fit(Classifier(spiked=lambda step: step % 2 == 1), loader())
+    trainer.save_checkpoint(tmp_path / "four.ckpt")
+    checkpoint = torch.load(tmp_path / "four.ckpt", weights_only=False)
+    # Make the two copies differ, to see which one the resumed guard continues from.
+    checkpoint["stepguard"][0] |= {"step": 40, "counters": {"allow": 40, "clip": 0, "veto": 0}}
+    torch.save(checkpoint, tmp_path / "both.ckpt")
+
+    resumed = StepGuardCallback(policy="clip")
+    make_trainer(tmp_path, resumed, max_steps=6).fit(Classifier(), loader(), ckpt_path=tmp_path / "both.ckpt")
+    assert [r.step for r in resumed.reports] == [4, 5]
+    assert resumed.guards[0].counters == {"allow": 4, "clip": 2, "veto": 0}
 
 
 def test_a_second_fit_is_guarded_and_continues_the_steps(tmp_path) -> None:
