@@ -4,6 +4,7 @@ changes a monitored step, and works with everything an optimizer must work with.
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -429,7 +430,7 @@ def test_a_halting_decision_commits_reports_then_raises() -> None:
     for p, p0 in zip(net.parameters(), before, strict=True):
         assert torch.equal(p.detach(), p0)
     assert guard.engine.rule_counters == {"halt_rule": 1}
-    assert guard.state_dict()["stepguard"]["rule_counters"] == {"halt_rule": 1}
+    assert json.loads(guard.state_dict()["stepguard"]["rule_counters"]) == {"halt_rule": 1}
 
 
 def test_fsdp_models_are_refused_with_a_clear_message() -> None:

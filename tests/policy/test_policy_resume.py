@@ -120,7 +120,10 @@ def test_the_guard_checkpoint_carries_the_policy_state() -> None:
     guard = make(net)
     train(guard, net, [0.0] * 5)
     saved = copy.deepcopy(guard.state_dict())
-    json.dumps(saved["stepguard"]["policy"], allow_nan=False)
+    def no_constants(name: str) -> None:
+        raise AssertionError(f"{name} in the policy state")
+
+    json.loads(saved["stepguard"]["policy"], parse_constant=no_constants)  # strict JSON: no NaN or inf
     twin_net = copy.deepcopy(net)
     twin = make(twin_net)
     twin.load_state_dict(saved)
