@@ -1,13 +1,14 @@
-"""Why the clip policy costs a little at plain AdamW's best learning rate, and what closes the gap.
+"""What clipping costs at plain AdamW's best learning rate, policy by policy.
 
-At the LR where plain AdamW does best, StepGuard's clip policy (r ≤ 1 on every step)
-ends a little worse than plain on the byte-level LM of ``stepguard compare``. This script
-trains plain AdamW under a ``monitor`` guard (which measures r and changes nothing), the
-``clip`` preset and two warm-ups of its target (``warmup_clip_policy()``: r ≤ 3 for the
-first 100 steps, and ``warmup_clip_policy(1, 2, 10)``: r ≤ 2 for the first 10; then
-r ≤ 1) and ``RelativeClipPolicy()`` (the ``clip-relative`` preset) over a few seeds, and prints for each: the
-final validation loss (or test accuracy), its gap to plain, how many steps were clipped
-(and how many of them in the first 5 steps), and plain's r on its first 5 steps.
+At the LR where plain AdamW does best, clipping every step to r ≤ 1 (the ``clip-fixed``
+preset) ends worse than plain on the language models of ``stepguard compare``. This
+script trains plain AdamW under a ``monitor`` guard (which measures r and changes
+nothing), ``clip-fixed``, two warm-ups of its target (``warmup_clip_policy()``: r ≤ 3 for
+the first 100 steps, and ``warmup_clip_policy(1, 2, 10)``: r ≤ 2 for the first 10; then
+r ≤ 1), the relative rule alone (``RelativeClipPolicy(sustained_r=None)``) and the
+``clip`` preset over a few seeds, and prints for each: the final validation loss (or test
+accuracy), its gap to plain, how many steps were clipped (and how many of them in the
+first 5 steps), and r on the first 5 steps.
 
     python examples/compare_clip_gap.py --workload byte-lm --lr 1e-2 --seeds 0,1,2
 """
@@ -28,10 +29,11 @@ from stepguard.tools.compare_workloads import WORKLOADS, build_workload
 
 VARIANTS = {
     "plain (monitor)": lambda: "monitor",
-    "clip (r<=1)": lambda: ClipPolicy(1.0),
+    "clip-fixed (r<=1)": lambda: ClipPolicy(1.0),
     "warmup 100 (r<=3)": warmup_clip_policy,
     "warmup 10 (r<=2)": lambda: warmup_clip_policy(1.0, 2.0, 10),
-    "relative": RelativeClipPolicy,
+    "relative alone": lambda: RelativeClipPolicy(sustained_r=None),
+    "clip (preset)": lambda: "clip",
 }
 
 

@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed of init, split and batches")
     demo.add_argument(
         "--policy",
-        choices=("clip", "veto", "safe", "monitor"),
+        choices=("clip", "clip-fixed", "veto", "safe", "monitor"),
         default="clip",
         help="policy of the guarded run (default clip)",
     )

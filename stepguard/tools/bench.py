@@ -911,7 +911,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     how.add_argument("--every", type=_ints, default=d.every, help="measure_every values (default 1,4,16)")
     how.add_argument("--budget", type=float, default=d.budget, help="budget of budget mode (default 0.10)")
     how.add_argument("--no-budget", action="store_true", help="skip budget mode")
-    how.add_argument("--policy", choices=("monitor", "clip", "veto"), default=d.policy, help="guard policy")
+    how.add_argument(
+        "--policy", choices=("monitor", "clip", "clip-fixed", "veto"), default=d.policy, help="guard policy"
+    )
     how.add_argument(
         "--no-diagnostics",
         action="store_true",

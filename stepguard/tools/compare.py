@@ -8,7 +8,9 @@ Protocol (one process; every method sees the same data, seed, steps and learning
   ``skipstep``: OLMo-core's ``SkipStepAdamW`` (loss and gradient norm handed over before
   every step); ``stepguard``: AdamW under ``StepGuard(policy="clip")``, measured every
   step; ``stepguard-budget``: the same in budget mode (``budget=0.10``);
-  ``stepguard-warmup``: a candidate default policy (see :func:`warmup_clip_policy`).
+  ``stepguard-fixed`` (and ``-fixed-budget``): the ``clip-fixed`` preset, r ≤ 1 on every
+  step; ``stepguard-warmup``, ``-warmup10`` and ``-relative``: the candidates the ``clip``
+  preset was chosen from (see :func:`warmup_clip_policy` and the Comparison page).
   Every AdamW-like optimizer keeps its own defaults except ``lr`` and weight decay 0.01.
   A peer whose package cannot be imported is reported as missing, never replaced.
 * **Workloads** (:mod:`stepguard.tools.compare_workloads`): the digits MLP, the three
@@ -238,11 +240,26 @@ METHODS: dict[str, Method] = {
             "olmo_core.optim",
             "ai2-olmo-core",
         ),
-        Method("stepguard", 'StepGuard(AdamW, policy="clip"), every step', _guarded(lambda: "clip")),
+        Method(
+            "stepguard",
+            'StepGuard(AdamW, policy="clip"): r > 10, r > 2 three steps in a row, or r > 1 and 3σ over '
+            "its mean → r = 1; every step",
+            _guarded(lambda: "clip"),
+        ),
         Method(
             "stepguard-budget",
             'StepGuard(AdamW, policy="clip", budget=0.10)',
             _guarded(lambda: "clip", budget=0.10),
+        ),
+        Method(
+            "stepguard-fixed",
+            'StepGuard(AdamW, policy="clip-fixed"): r ≤ 1 on every step (the earlier clip preset)',
+            _guarded(lambda: "clip-fixed"),
+        ),
+        Method(
+            "stepguard-fixed-budget",
+            'StepGuard(AdamW, policy="clip-fixed", budget=0.10)',
+            _guarded(lambda: "clip-fixed", budget=0.10),
         ),
         Method(
             "stepguard-warmup",
@@ -251,8 +268,9 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             "stepguard-relative",
-            "StepGuard(AdamW, policy='clip-relative'): r > 10, or r > 1 and 3σ over its mean → r = 1",
-            _guarded(RelativeClipPolicy),
+            "StepGuard(AdamW, policy=RelativeClipPolicy(sustained_r=None)): r > 10, or r > 1 and 3σ over "
+            "its mean → r = 1",
+            _guarded(lambda: RelativeClipPolicy(sustained_r=None)),
         ),
         Method(
             "stepguard-warmup10",

@@ -16,7 +16,7 @@ def monitor_run(tmp_path_factory: pytest.TempPathFactory) -> GuardedRun:
 
 @pytest.fixture(scope="session")
 def clip_run(tmp_path_factory: pytest.TempPathFactory) -> GuardedRun:
-    return guarded_run(tmp_path_factory.mktemp("clip") / "ckpt", policy="clip", lr=1.0)
+    return guarded_run(tmp_path_factory.mktemp("clip") / "ckpt", policy="clip-fixed", lr=1.0)
 
 
 @pytest.fixture

@@ -51,7 +51,8 @@ def _run(tmp_path: Path, case: str) -> list[tuple[str, str]]:
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 @pytest.mark.parametrize(("case", "named"), [
-    ("policy", "policy differs (rank 0: ClipPolicy(target_r=1.0); rank 1: VetoPolicy(max_r=1.0))"),
+    ("policy", "policy differs (rank 0: RelativeClipPolicy(target_r=1.0, hard_r=10.0, sustained_r=2.0); "
+               "rank 1: VetoPolicy(max_r=1.0))"),
     ("config", "config differs"),
     ("model", "parameters differs"),
 ])

@@ -103,7 +103,7 @@ def test_presets_decide_as_documented(policy, reports, expected) -> None:
 def test_preset_names_reasons_and_needs_state_backup() -> None:
     assert [p.name for p in (MonitorPolicy(), ClipPolicy(), VetoPolicy(), SafePolicy())] == [
         "monitor",
-        "clip",
+        "clip-fixed",
         "veto",
         "safe",
     ]
@@ -521,7 +521,7 @@ def test_from_config_and_from_path_build_the_class_they_are_called_on(tmp_path) 
         assert type(policy) is Mine and policy.name == "mine"
         assert policy.decide(rep(0, r=4.0)).scale == pytest.approx(0.25)
     clip = ClipPolicy.from_config(ClipPolicy(0.5).config)
-    assert type(clip) is ClipPolicy and repr(clip) == "RulePolicy(name='clip', rules=['nonfinite', 'clip_r'])"
+    assert type(clip) is ClipPolicy and repr(clip) == "RulePolicy(name='clip-fixed', rules=['nonfinite', 'clip_r'])"
 
 
 def test_the_policy_protocol_module_does_not_import_its_subclass() -> None:
