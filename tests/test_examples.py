@@ -126,3 +126,20 @@ def test_overhead_floor_tiny(tmp_path: Path) -> None:
     for row in rows.values():
         assert len(row["step_ms"]["values"]) == 2 and all(v > 0 for v in row["step_ms"]["values"])
     assert "floor measured" in proc.stdout and "StepGuard every 1" in proc.stdout
+
+
+@pytest.mark.slow
+def test_clip_candidates_tiny(tmp_path: Path) -> None:
+    out = tmp_path / "candidates.json"
+    proc = run_example(
+        "clip_candidates.py", "--seeds", "0", "--candidates", "clip-fixed,relative alone,clip (sustained r>2 x3)",
+        "--cells", "digits-mlp:1:spike", "--steps", "30", "--out", str(out),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = load(out)
+    runs = {r["candidate"]: r for r in summary["runs"]}
+    assert set(runs) == {"clip-fixed", "relative alone", "clip (sustained r>2 x3)"}
+    assert all(r["status"] == "ok" and r["condition"] == "spike" for r in runs.values())
+    # at 100x its best learning rate every step of the digits MLP has r > 10: every rule clips it
+    assert runs["clip-fixed"]["clipped"] >= runs["relative alone"]["clipped"] > 20
+    assert [m["median_final"] for m in summary["medians"]] == [r["final"] for r in summary["runs"]]
