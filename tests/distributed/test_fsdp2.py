@@ -43,14 +43,16 @@ def _shard(net: nn.Module) -> nn.Module:
     return net
 
 
-def _train(net: nn.Module, guard, opt, rank: int, collectives: list[int] | None = None) -> list[tuple]:
+def _train(
+    net: nn.Module, guard, opt, rank: int, collectives: list[int] | None = None, world: int = WORLD
+) -> list[tuple]:
     reports = []
     counter = GuardCollectives() if collectives is not None else None
     for step in range(STEPS):
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         x, y = global_batch(step)
-        part = slice(rank * ROWS // WORLD, (rank + 1) * ROWS // WORLD)
+        part = slice(rank * ROWS // world, (rank + 1) * ROWS // world)
         opt.zero_grad()
         F.cross_entropy(net(x[part]), y[part]).backward()
         if guard is None:
@@ -68,7 +70,9 @@ def _worker(rank: int, store: str, out: str, case: str) -> None:
 
     from stepguard import GuardConfig, StepGuard, VetoPolicy
 
-    join_gloo(rank, store, WORLD)
+    case, _, ranks = case.partition("@")  # "clip@4": the clip case on 4 ranks
+    world = int(ranks or WORLD)
+    join_gloo(rank, store, world)
     try:
         net = _shard(make_net())
         opt = torch.optim.Adam(net.parameters(), lr=1e-2)
@@ -77,7 +81,7 @@ def _worker(rank: int, store: str, out: str, case: str) -> None:
             config = {"every3": GuardConfig(measure_every=3), "budget": GuardConfig(budget=0.1)}.get(case)
             guard = StepGuard(opt, model=net, policy="clip", config=config)
             result["collectives"] = []
-            result["reports"] = _train(net, guard, opt, rank, result["collectives"])
+            result["reports"] = _train(net, guard, opt, rank, result["collectives"], world)
             result["params"] = [p.full_tensor() for p in net.parameters()]
         elif case == "monitor":
             plain = _shard(make_net())
@@ -95,7 +99,7 @@ def _worker(rank: int, store: str, out: str, case: str) -> None:
         else:  # veto: one applied step, then every step vetoed
             guard = StepGuard(opt, model=net, policy=VetoPolicy(max_r=1e9))
             x, y = global_batch(0)
-            part = slice(rank * ROWS // WORLD, (rank + 1) * ROWS // WORLD)
+            part = slice(rank * ROWS // world, (rank + 1) * ROWS // world)
             F.cross_entropy(net(x[part]), y[part]).backward()
             guard.step()
             shards = [p.to_local().clone() for p in net.parameters()]
@@ -119,9 +123,9 @@ def _worker(rank: int, store: str, out: str, case: str) -> None:
     os._exit(0)
 
 
-def _run(tmp_path: Path, case: str) -> list[dict]:
-    spawn_ranks(_worker, tmp_path, case, world=WORLD, timeout=240)
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+def _run(tmp_path: Path, case: str, world: int = WORLD) -> list[dict]:
+    spawn_ranks(_worker, tmp_path, f"{case}@{world}", world=world, timeout=240)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
 
 def _unsharded_reference(measure_every: int = 1) -> tuple[list[tuple], list[torch.Tensor]]:
@@ -149,9 +153,10 @@ pytestmark = [
 ]
 
 
-def test_sharded_guard_decides_as_an_unsharded_guard_on_the_global_batch(tmp_path: Path) -> None:
-    rank0, rank1 = _run(tmp_path, "clip")
-    assert rank0["reports"] == rank1["reports"]  # every rank, the same numbers and decisions
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_guard_decides_as_an_unsharded_guard_on_the_global_batch(tmp_path: Path, world: int) -> None:
+    rank0, *others = _run(tmp_path, "clip", world)
+    assert all(other["reports"] == rank0["reports"] for other in others)  # every rank, the same decisions
     # the guard's own collectives (FSDP's gathers not counted): the first step checks that
     # the ranks agree and reduces τ before its replay; every later step, the reduction only
     assert rank0["collectives"] == [3] + [1] * (STEPS - 1)
