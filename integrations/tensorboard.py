@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Collection
+from pathlib import Path
 from typing import Any
 
 from stepguard._extras import install_hint
@@ -69,6 +71,29 @@ def _summary_writer_class() -> type:
             f"{install_hint('tensorboard')}"
         ) from exc
     return SummaryWriter
+
+
+def wait_for_a_later_event_file_name(log_dir: str | os.PathLike[str]) -> None:
+    """Sleep until a new event file in ``log_dir`` will sort after every file already there.
+
+    TensorBoard reads a folder's event files in the order of their names, and a resumed
+    run's purge only works when its file comes after the crashed run's. The writer names
+    a file ``events.out.tfevents.<whole seconds>.<host>.<pid>.<counter>`` with an unpadded
+    counter, so two files of one process in one second sort wrongly once the counter
+    passes 9 ("…10" < "…9"). Waiting for the next whole second (at most one, and only when
+    a file of this very second is there) gives the new file a later name.
+    """
+    folder = Path(log_dir)
+    if not folder.is_dir():
+        return
+    stamps = []
+    for path in folder.glob("events.out.tfevents.*"):
+        part = path.name.split(".")[3]
+        if part.isdigit():
+            stamps.append(int(part))
+    latest = max(stamps, default=None)
+    while latest is not None and int(time.time()) <= latest:
+        time.sleep(max(0.01, latest + 1 - time.time()))
 
 
 class TensorBoardSink:
@@ -136,6 +161,7 @@ class TensorBoardSink:
         if self._writer is None:
             # A run resumed at step s > 0 purges the events a crashed run wrote from s on
             # (TensorBoard's purge_step), so every step is shown once.
+            wait_for_a_later_event_file_name(self.log_dir)
             self._writer = self._writer_class(
                 log_dir=self.log_dir, purge_step=step if step > 0 else None, **self._writer_options
             )

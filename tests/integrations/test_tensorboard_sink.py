@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -269,3 +270,18 @@ def test_a_guarded_training_loop_round_trips(tmp_path: Path, helpers: Any) -> No
     for event, rep in zip(histograms, with_values, strict=True):
         assert event.histogram_value.num == len(rep.spread.values)
         assert event.histogram_value.max == max(rep.spread.values)
+
+
+def test_a_resumed_writer_s_file_sorts_after_the_files_already_there(tmp_path: Path, report: Any) -> None:
+    """TensorBoard reads event files in name order; a file of the same second whose counter has
+    more digits ("...10" against "...9") would sort first and undo the resumed run's purge."""
+    import socket
+    import time
+
+    earlier = tmp_path / f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.9"
+    earlier.write_bytes(b"")
+    resumed = TensorBoardSink(tmp_path, flush_secs=3600)
+    resumed.write(report(5))
+    resumed.close()
+    files = sorted(p.name for p in tmp_path.glob("events.out.tfevents.*"))
+    assert len(files) == 2 and files[0] == earlier.name
