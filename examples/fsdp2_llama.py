@@ -35,33 +35,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _tiny_llama import add_llama_arguments, corpus, tiny_llama
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=30, help="training steps (default 30)")
-    parser.add_argument("--spike-at", type=int, default=15, help="first step of the LR spike (default 15)")
-    parser.add_argument("--spike", type=float, default=1000.0, help="LR factor of the spike (default 1000)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="base AdamW learning rate (default 1e-3)")
+    add_llama_arguments(parser)
     parser.add_argument("--world", type=int, default=2, help="processes to spawn (default 2)")
-    parser.add_argument("--batch", type=int, default=8, help="sequences per rank per step (default 8)")
-    parser.add_argument("--seq", type=int, default=64, help="bytes per sequence (default 64)")
-    parser.add_argument("--hidden", type=int, default=64, help="hidden size (default 64)")
-    parser.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
     parser.add_argument("--no-guard", action="store_true", help="train without the guard")
     parser.add_argument("--json", metavar="FILE", help="write the reports and peak memory here")
     args = parser.parse_args(argv)
     if args.world < 1 or args.steps < 1 or args.batch < 1 or args.seq < 2:
         parser.error("--world, --steps and --batch must be at least 1 and --seq at least 2")
     return args
-
-
-def corpus() -> torch.Tensor:
-    """The bytes of ``pydoc_data.topics`` (Python's help texts) as token ids 0–255."""
-    from pydoc_data.topics import topics
-
-    text = "\n\n".join(topics[k] for k in sorted(topics)).encode("utf-8")
-    return torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
 
 
 def batch_for(data: torch.Tensor, step: int, rank: int, args: argparse.Namespace) -> torch.Tensor:
@@ -76,15 +62,8 @@ def batch_for(data: torch.Tensor, step: int, rank: int, args: argparse.Namespace
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
     """A tiny ``LlamaForCausalLM`` with ``fully_shard`` on every decoder layer and on the root."""
     from torch.distributed.fsdp import fully_shard
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=256, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-        num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
-        max_position_embeddings=args.seq, attn_implementation="eager",
-    )
-    torch.manual_seed(0)  # the same initial weights on every rank
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(args)
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model)

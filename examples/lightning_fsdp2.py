@@ -43,6 +43,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from _tiny_llama import add_llama_arguments, corpus, tiny_llama
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader, Dataset
 
@@ -51,15 +52,8 @@ from stepguard.integrations.lightning import StepGuardCallback
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=30, help="training steps (default 30)")
-    parser.add_argument("--spike-at", type=int, default=15, help="first step of the LR spike (default 15)")
-    parser.add_argument("--spike", type=float, default=1000.0, help="LR factor of the spike (default 1000)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="base AdamW learning rate (default 1e-3)")
+    add_llama_arguments(parser)
     parser.add_argument("--devices", type=int, default=2, help="CPU processes (default 2)")
-    parser.add_argument("--batch", type=int, default=8, help="sequences per rank per step (default 8)")
-    parser.add_argument("--seq", type=int, default=64, help="bytes per sequence (default 64)")
-    parser.add_argument("--hidden", type=int, default=64, help="hidden size (default 64)")
-    parser.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
     parser.add_argument(
         "--epoch-batches",
         type=int,
@@ -77,14 +71,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         )
     args.epoch_batches = args.epoch_batches or args.steps
     return args
-
-
-def corpus() -> torch.Tensor:
-    """The bytes of ``pydoc_data.topics`` (Python's help texts) as token ids 0–255."""
-    from pydoc_data.topics import topics
-
-    text = "\n\n".join(topics[k] for k in sorted(topics)).encode("utf-8")
-    return torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
 
 
 class Windows(Dataset):
@@ -109,21 +95,8 @@ class GuardedLlama(pl.LightningModule):
 
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__()
-        from transformers import LlamaConfig, LlamaForCausalLM
-
         self.args = args
-        config = LlamaConfig(
-            vocab_size=256,
-            hidden_size=args.hidden,
-            intermediate_size=2 * args.hidden,
-            num_hidden_layers=args.layers,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=args.seq,
-            attn_implementation="eager",
-        )
-        torch.manual_seed(0)  # the same initial weights on every rank
-        self.model = LlamaForCausalLM(config)
+        self.model = tiny_llama(args)
         self.rows: list[dict[str, Any]] = []
         self.everyone: list[Any] = []
 
