@@ -208,14 +208,12 @@ class GuardEngine:
             loss = observed.get("loss")
         with timer.phase("diff"):
             update = self._snapshot.difference() if self._snapshot.params else None
-            if update is not None:
-                self._norms.difference(update, self._params())
             tau = update.tau if update is not None else torch.zeros(())
         measure, why = self.trigger.due(self._snapshot, update, tau, loss, timer.seconds)
         with timer.phase("measure"):
             estimator, tensors, vectors = self._measure(measure, update, tau, observed)
         if measure:
-            tensors.update(self._norms.step_tensors(update, self._snapshot.params))
+            tensors.update(self._norms.step_tensors(update, self._params()))
         tensors.update(step_tensors(update, loss, self.loss, probe))
         with timer.phase("reduce_sync"):
             values = reduce_and_sync(

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from stepguard.config import GuardConfig
 from stepguard.engine import GuardEngine, RowsFn
 from stepguard.geometry.logits import LogitsFn
+from stepguard.geometry.sharded import local_tensor
 from stepguard.policy import Policy
 from stepguard.report import StepReport
 from stepguard.sinks.base import Sink
@@ -242,11 +243,7 @@ class StepGuard(torch.optim.Optimizer):
                     grads.append(param.grad)
         if not grads:
             return False
-        for grad in grads:
-            local = grad.to_local() if hasattr(grad, "to_local") else grad  # a DTensor's shard
-            if local.count_nonzero().item():
-                return False
-        return True
+        return not any(local_tensor(grad).count_nonzero().item() for grad in grads)
 
     # torch.optim.Optimizer.__init__ wraps ``step`` in its profile_hook_step, which runs the
     # global and the guard's own step pre/post hooks and opens a record_function range. A

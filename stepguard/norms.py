@@ -1,8 +1,9 @@
 """Where a step's norms come from: the tensors this process holds, or (FSDP2) shards summed over the ranks.
 
 The engine asks the same questions of either: which tensors to snapshot, what length the
-replay measures the velocities per, which numbers travel to the cross-rank reduction beside the
-measurement's, and how the reduced numbers become the report's. Unsharded, every answer
+replay measures the velocities per, which numbers of a measured step travel to the
+cross-rank reduction beside the measurement's, and how the reduced numbers become the
+report's. Unsharded, every answer
 is local. Under FSDP2 each rank snapshots only its shards; τ, the gradient norm and the
 cosine are sums of the ranks' parts (:func:`stepguard.distributed.shard_sums`) that travel
 in the step's one reduction. The replay cannot wait for that global τ, so it runs along Δθ
@@ -35,9 +36,6 @@ class LocalNorms:
         """The tensors to snapshot: the parameters themselves."""
         return params
 
-    def difference(self, update: Update, params: Sequence[Tensor]) -> None:
-        """Nothing to do: the snapshot's τ is already the global one."""
-
     def replay_length(self, update: Update) -> Tensor:
         """The length the replay measures velocities per: τ itself."""
         return update.tau
@@ -66,39 +64,40 @@ class ShardedNorms:
     every rank holds alike (a checkpoint keeps it). Only a step without a reference (the
     first, or one after a non-finite τ) reduces τ before its replay; every other measured
     step uses one collective, the step's reduction, which carries this rank's parts of
-    τ², ‖g‖², ⟨Δθ, θ₀⟩ and ‖θ₀‖². :meth:`finish` then computes τ, ‖g‖ and the cosine, and
-    multiplies each statistic of declared ``direction_power`` p by (L/τ)^p: along Δθ/L the
-    velocities are τ/L times those along Δθ/τ.
+    τ², ‖g‖², ⟨Δθ, θ₀⟩ and ‖θ₀‖² (computed on measured steps only). :meth:`finish` then
+    computes τ, ‖g‖ and the cosine, and multiplies each statistic of declared
+    ``direction_power`` p by (L/τ)^p: along Δθ/L the velocities are τ/L times those along
+    Δθ/τ.
     """
 
     def __init__(self) -> None:
         self.reference_tau: float | None = None
-        self._sums: dict[str, Tensor] = {}
-        self._length: Tensor | None = None
+        self._length: Tensor | float | None = None  # L of this step's replay
         self._powers = direction_powers()
 
     def tensors(self, params: list[Tensor]) -> list[Tensor]:
         """The tensors to snapshot: this rank's shards (the same storage as the parameters)."""
         return [local_tensor(p) for p in params]
 
-    def difference(self, update: Update, params: Sequence[Tensor]) -> None:
-        """Keep this rank's parts of the norms."""
-        with torch.no_grad():
-            grads = [local_tensor(p.grad) for p in params if p.grad is not None]
-            self._sums = shard_sums(update.tau, update.flats, [g.theta0 for g in update.groups], grads)
-        self._length = None
-
     def replay_length(self, update: Update) -> Tensor:
-        """The reference length L, the same on every rank (reduced here when there is none yet)."""
+        """The reference length L, the same on every rank (reduced here when there is none yet).
+
+        A known reference is written on the device with a fill, not copied from the host, so
+        that it never waits for the device.
+        """
         if self.reference_tau is None:
             self._length = summed_tau(update.tau)
-        else:
-            self._length = torch.tensor(self.reference_tau, dtype=torch.float64, device=update.tau.device)
-        return self._length
+            return self._length
+        self._length = self.reference_tau
+        return torch.full((), self.reference_tau, dtype=torch.float64, device=update.tau.device)
 
     def step_tensors(self, update: Update | None, params: Sequence[Tensor]) -> dict[str, Tensor]:
-        """This rank's parts of the norms, for the step's one reduction."""
-        return dict(self._sums)
+        """This rank's parts of τ², ‖g‖², ⟨Δθ, θ₀⟩ and ‖θ₀‖², for the step's one reduction."""
+        if update is None:
+            return {}
+        with torch.no_grad():
+            grads = [local_tensor(p.grad) for p in params if p.grad is not None]
+            return shard_sums(update.tau, update.flats, [g.theta0 for g in update.groups], grads)
 
     def finish(self, values: dict[str, Any]) -> dict[str, Any]:
         """τ, ‖g‖ and the cosine from the reduced sums; the statistics rescaled from the reference to τ."""
@@ -107,7 +106,7 @@ class ShardedNorms:
         out = {k: v for k, v in values.items() if not k.startswith("shard.")}
         out.update(norms_from_sums(values))
         tau = out["tau"]
-        length = float(self._length) if self._length is not None else math.nan  # what the replay ran along
+        length = float(self._length) if self._length is not None else math.nan
         ratio = length / tau if tau > 0 else math.nan
         for name, power in self._powers.items():
             if name in out and math.isfinite(ratio):
